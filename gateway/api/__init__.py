@@ -1,0 +1,1 @@
+"""HTTP handlers: OpenAI routes, ops routes, and the one place errors become responses."""

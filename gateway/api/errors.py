@@ -1,0 +1,73 @@
+"""The error boundary: every failure becomes OpenAI error JSON here, and only here."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aiohttp import web
+
+from gateway.api.keys import request_ctx
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway.pipeline.plugin import Handler
+
+log = logging.getLogger("tollway.api")
+
+
+def request_id_of(request: web.Request) -> str:
+    ctx = request_ctx(request)
+    if ctx is not None:
+        return ctx.request_id
+    return incoming_request_id(request.headers.get("x-request-id"))
+
+
+def incoming_request_id(rid: str | None) -> str:
+    """The client's x-request-id when it is sane, else a fresh one."""
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        return rid
+    return "req_" + uuid.uuid4().hex
+
+
+def render(request: web.Request, e: GatewayError) -> web.Response:
+    headers = {"Content-Type": "application/json", "x-request-id": request_id_of(request)}
+    if e.headers:
+        headers.update(e.headers)
+    return web.Response(body=e.body(), status=e.status, headers=headers)
+
+
+def _from_http(request: web.Request, e: web.HTTPException) -> GatewayError:
+    if e.status == 404:
+        return NotFound(f"Unknown request URL: {request.method} {request.path}")
+    if e.status == 405:
+        allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+        err = MethodNotAllowed(
+            f"Method {request.method} is not allowed for {request.path}"
+            + (f" (allowed: {allowed})" if allowed else "")
+        )
+        if allowed:
+            err.headers["Allow"] = allowed
+        return err
+    if e.status == 413:
+        return PayloadTooLarge(f"Request body is too large: {e.text or ''}".strip())
+    return GatewayError(e.reason, status=e.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return render(request, e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return render(request, _from_http(request, e))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return render(request, InternalError("The gateway hit an internal error."))

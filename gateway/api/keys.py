@@ -1,0 +1,21 @@
+"""Typed AppKeys through which handlers reach the components create_app built."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.pipeline import Pipeline, RequestContext
+from gateway.routing import Router
+from gateway.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+ROUTER = web.AppKey("router", Router)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+READY = web.AppKey("ready", dict)
+CTX = "tollway.ctx"
+"""Request-scoped key under which handlers leave their RequestContext for the error renderer."""
+
+
+def request_ctx(request: web.Request) -> RequestContext | None:
+    ctx = request.get(CTX)
+    return ctx if isinstance(ctx, RequestContext) else None

@@ -1,0 +1,42 @@
+"""Operational routes: liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.api.keys import PIPELINE, READY, ROUTER
+
+
+async def health(request: web.Request) -> web.Response:
+    """Alive: the process answers HTTP."""
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready: config loaded, providers started, plugins healthy, not shutting down."""
+    app = request.app
+    state = app[READY]
+    details: dict[str, Any] = {}
+    ok = bool(state.get("started")) and not state.get("stopping")
+    for p in app[PIPELINE].plugins:
+        h = p.health()
+        if h is not None:
+            details[p.name] = h
+            ok = ok and bool(h.get("ok", True))
+    body = {
+        "status": "ready" if ok else "not_ready",
+        "models": len(app[ROUTER].routes),
+        "stopping": bool(state.get("stopping")),
+        "plugins": details,
+    }
+    return web.Response(
+        body=orjson.dumps(body), status=200 if ok else 503, content_type="application/json"
+    )
+
+
+def add_to(routes: web.UrlDispatcher) -> None:
+    routes.add_get("/health", health)
+    routes.add_get("/ready", ready)

@@ -1,0 +1,1 @@
+"""Built-in plugins, on the same Plugin protocol external plugins use."""

@@ -1,0 +1,1 @@
+"""Providers: one adapter per upstream kind (HTTP) plus pure translation modules."""

@@ -1,0 +1,264 @@
+"""Typed, strict model of the Tollway config file; `${ENV}` references resolved at load."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_WHOLE_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}$")
+
+
+class ConfigError(Exception):
+    """The config file cannot be loaded; the message names the bad key's path."""
+
+
+def _expand(value: str, environ: Mapping[str, str]) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ValueError(f"environment variable {name} is not set")
+
+    return _ENV_REF.sub(repl, value)
+
+
+def _env_str(value: Any) -> Any:
+    if isinstance(value, str):
+        return _expand(value, os.environ)
+    return value
+
+
+def _secret_ref(value: Any) -> Any:
+    """Secrets must be written as `${ENV_VAR}` (optionally `${ENV_VAR:-default}`), never inline."""
+    if isinstance(value, SecretStr):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string of the form ${ENV_VAR}")
+    if not _WHOLE_REF.match(value):
+        raise ValueError("secrets must be environment references such as ${OPENAI_API_KEY}, not literals")
+    return SecretStr(_expand(value, os.environ))
+
+
+EnvStr = Annotated[str, BeforeValidator(_env_str)]
+Secret = Annotated[SecretStr, BeforeValidator(_secret_ref)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(Strict):
+    host: EnvStr = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    stream_keepalive_s: float = Field(15.0, gt=0)
+    """Send an SSE comment this often while a streaming upstream is silent."""
+
+
+class Timeouts(Strict):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(120.0, gt=0)
+    """Idle read: the longest gap allowed between two upstream reads (also time to first byte)."""
+    total_s: float = Field(600.0, gt=0)
+    """Whole non-streaming request; streams are bounded by the idle read timeout only."""
+
+
+class MockSettings(Strict):
+    ttft_ms: float = Field(0.0, ge=0)
+    tokens_per_s: float = Field(0.0, ge=0)
+    """0 means as fast as possible."""
+    reply_tokens: int = Field(16, ge=1, le=100_000)
+    embedding_dims: int = Field(16, ge=1, le=8192)
+
+
+ProviderKind = Literal["openai", "openai_compatible", "azure", "mock"]
+
+
+class ProviderSettings(Strict):
+    kind: ProviderKind
+    api_base: EnvStr | None = None
+    api_key: Secret | None = None
+    headers: dict[str, EnvStr] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_connections: int = Field(0, ge=0)
+    """0: unlimited pooled connections to this provider."""
+    # openai_compatible: how the key is sent
+    auth_header: str = "Authorization"
+    auth_scheme: str | None = "Bearer"
+    supports_base64_embeddings: bool = True
+    """False: ask the upstream for floats and encode base64 in the gateway."""
+    # azure
+    api_version: EnvStr | None = None
+    # mock
+    mock: MockSettings = Field(default_factory=MockSettings)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> ProviderSettings:
+        if self.kind in ("openai", "openai_compatible", "azure") and not self.api_base:
+            if self.kind == "openai":
+                object.__setattr__(self, "api_base", "https://api.openai.com/v1")
+            else:
+                raise ValueError(f"api_base is required for kind {self.kind}")
+        if self.kind == "azure" and not self.api_version:
+            raise ValueError("api_version is required for kind azure (e.g. 2024-10-21)")
+        if self.kind == "openai" and self.api_key is None:
+            raise ValueError("api_key is required for kind openai")
+        if self.api_base is not None:
+            object.__setattr__(self, "api_base", self.api_base.rstrip("/"))
+        return self
+
+
+class DeploymentSettings(Strict):
+    provider: str
+    model: str
+    """The model name the upstream knows (for azure: the deployment name)."""
+    weight: float = Field(1.0, gt=0)
+
+
+ApiEndpoint = Literal["chat", "completions", "embeddings"]
+_ALL_ENDPOINTS: tuple[ApiEndpoint, ...] = ("chat", "completions", "embeddings")
+
+
+class ModelSettings(Strict):
+    deployments: list[DeploymentSettings] = Field(min_length=1)
+    owned_by: str = "tollway"
+    endpoints: list[ApiEndpoint] = Field(default_factory=lambda: list(_ALL_ENDPOINTS))
+
+
+class ClientKey(Strict):
+    key: Secret
+    team: str = Field(min_length=1)
+    name: str | None = None
+
+
+class AuthSettings(Strict):
+    mode: Literal["keys", "none"] = "keys"
+    """`none` must be written explicitly: the gateway is never open by accident."""
+    keys: list[ClientKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSettings:
+        if self.mode == "keys" and not self.keys:
+            raise ValueError("auth.mode is 'keys' but no keys are configured (say mode: none to run open)")
+        seen: set[str] = set()
+        for k in self.keys:
+            raw = k.key.get_secret_value()
+            if len(raw) < 8:
+                raise ValueError("client keys must be at least 8 characters")
+            if raw in seen:
+                raise ValueError("duplicate client key")
+            seen.add(raw)
+        return self
+
+
+class MetricsSettings(Strict):
+    enabled: bool = True
+
+
+class LoggingSettings(Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+    log_prompts: bool = False
+    """Prompt and completion text are never logged unless this is true."""
+
+
+class PluginRef(Strict):
+    name: str | None = None
+    """A built-in plugin name (auth, metrics)…"""
+    path: str | None = None
+    """…or an external plugin as `module:Class`."""
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one(self) -> PluginRef:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of name or path")
+        return self
+
+
+class Settings(Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings
+    providers: dict[str, ProviderSettings] = Field(min_length=1)
+    models: dict[str, ModelSettings] = Field(min_length=1)
+    plugins: list[PluginRef] = Field(
+        default_factory=lambda: [PluginRef(name="auth"), PluginRef(name="metrics")]
+    )
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in v:
+            if not name or ("/" in name and name.startswith("/")):
+                raise ValueError(f"bad model name {name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _refs(self) -> Settings:
+        for mname, m in self.models.items():
+            for i, d in enumerate(m.deployments):
+                if d.provider not in self.providers:
+                    raise ValueError(
+                        f"models.{mname}.deployments.{i}.provider: unknown provider {d.provider!r}"
+                    )
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_dict(data: Any, source: str = "<dict>") -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {p}: {e}") from None
+    return settings_from_dict(data, str(p))
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret replaced by `**********`."""
+    return settings.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""OpenAI wire-format helpers: SSE framing and request validation."""
