@@ -1,0 +1,1 @@
+"""Tollway benchmark: gateway overhead against a fast fake upstream (`python -m bench`)."""
