@@ -211,8 +211,8 @@ class Settings(Strict):
     @classmethod
     def _names(cls, v: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
         for name in v:
-            if not name or ("/" in name and name.startswith("/")):
-                raise ValueError(f"bad model name {name!r}")
+            if not name.strip():
+                raise ValueError("model names cannot be empty")
         return v
 
     @model_validator(mode="after")
@@ -260,5 +260,8 @@ def load_settings(path: str | Path) -> Settings:
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The settings as plain data with every secret replaced by `**********`."""
-    return settings.model_dump(mode="json")
+    """The settings as plain data with every secret, and every provider header value, hidden."""
+    data = settings.model_dump(mode="json")
+    for p in data.get("providers", {}).values():
+        p["headers"] = {k: "**********" for k in p.get("headers", {})}
+    return data

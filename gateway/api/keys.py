@@ -12,10 +12,9 @@ SETTINGS = web.AppKey("settings", Settings)
 ROUTER = web.AppKey("router", Router)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 READY = web.AppKey("ready", dict)
-CTX = "tollway.ctx"
+CTX = web.RequestKey("ctx", RequestContext)
 """Request-scoped key under which handlers leave their RequestContext for the error renderer."""
 
 
 def request_ctx(request: web.Request) -> RequestContext | None:
-    ctx = request.get(CTX)
-    return ctx if isinstance(ctx, RequestContext) else None
+    return request.get(CTX)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import aiohttp
@@ -13,13 +14,17 @@ from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStr
 from gateway.providers.openai import translate
 from gateway.settings import ProviderSettings
 
+log = logging.getLogger("tollway.providers.openai")
+
 
 def _transport_error(provider: str, e: BaseException, stage: str) -> GatewayError:
+    """The client learns what failed, not where: addresses and exception text stay in our log."""
+    log.warning("provider %s: %s %s: %s: %s", provider, "failed", stage, type(e).__name__, e)
     if isinstance(e, TimeoutError):
-        return UpstreamTimeout(f"provider {provider} timed out {stage}")
+        return UpstreamTimeout(f"The upstream provider {provider} timed out {stage}.")
     if isinstance(e, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable(f"cannot connect to provider {provider}: {e.os_error or e}")
-    return BadGateway(f"provider {provider} connection failed {stage}: {type(e).__name__}: {e}")
+        return UpstreamUnavailable(f"The upstream provider {provider} could not be reached.")
+    return BadGateway(f"The connection to the upstream provider {provider} broke {stage}.")
 
 
 class _Stream:

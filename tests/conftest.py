@@ -1,0 +1,68 @@
+"""Shared fixtures: a fake upstream, a gateway in front of it, and clients of the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from helpers import StartGateway
+
+from gateway.testing.fake_upstream import FakeUpstream
+from gateway.testing.harness import TestKeys, gateway_config, install_test_env, running_gateway
+
+
+@pytest.fixture
+def keys() -> TestKeys:
+    return install_test_env()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def start_gateway(fake: FakeUpstream) -> AsyncIterator[StartGateway]:
+    """Start a gateway with `gateway_config(fake.base_url, **overrides)`; returns its URL."""
+    async with AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> str:
+            config = gateway_config(fake.base_url, **overrides)
+            url: str = await stack.enter_async_context(running_gateway(config))
+            return url
+
+        yield start
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway) -> str:
+    """The URL (without /v1) of a gateway with the default test config."""
+    return await start_gateway()
+
+
+@pytest.fixture
+async def client(gateway: str, keys: TestKeys) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK, team-a's key, no retries."""
+    c = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key=keys.team_a, max_retries=0, timeout=15.0)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A raw HTTP client (for what the SDK cannot send or hides)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+@pytest.fixture
+def auth(keys: TestKeys) -> dict[str, str]:
+    """Headers authenticating team-a on raw requests."""
+    return {"Authorization": f"Bearer {keys.team_a}"}
