@@ -1,38 +1,48 @@
-"""create_app(settings): the only composition root. Builds providers, plugins and routes."""
+"""create_app(settings): the only composition root. Builds store, providers, plugins and routes."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.api import ops_routes
+from gateway.api.admin_routes import AdminRoutes
 from gateway.api.errors import error_middleware
-from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS
+from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS, STORE
 from gateway.api.openai_routes import OpenAIRoutes
 from gateway.pipeline import Pipeline, Plugin
-from gateway.plugins.auth import AuthPlugin
+from gateway.plugins.access import AccessPlugin
 from gateway.plugins.metrics import MetricsPlugin
+from gateway.pricing import ModelPrice, build_price_table
 from gateway.providers.base import Provider
 from gateway.providers.mock import MockProvider
 from gateway.providers.openai import OpenAIAdapter
 from gateway.routing import Router
-from gateway.settings import ConfigError, PluginRef, Settings
+from gateway.settings import ConfigError, PluginRef, ProviderSettings, Settings
+from gateway.store import Store, create_store
 
 
-def build_provider(name: str, settings: Any) -> Provider:
+def build_provider(name: str, settings: ProviderSettings) -> Provider:
     if settings.kind == "mock":
         return MockProvider(name, settings.mock)
     return OpenAIAdapter(name, settings)
 
 
-def build_plugin(ref: PluginRef, settings: Settings) -> Plugin | None:
-    if ref.name == "auth":
-        return AuthPlugin(settings.auth)
+def build_plugin(
+    ref: PluginRef,
+    settings: Settings,
+    store: Store,
+    prices: dict[str, ModelPrice],
+    registry: CollectorRegistry,
+) -> Plugin | None:
+    if ref.name in ("access", "auth"):
+        return AccessPlugin(settings, store, prices, registry)
     if ref.name == "metrics":
-        return MetricsPlugin() if settings.metrics.enabled else None
+        return MetricsPlugin(registry) if settings.metrics.enabled else None
     if ref.name is not None:
         raise ConfigError(f"plugins: unknown built-in plugin {ref.name!r}")
     assert ref.path is not None
@@ -50,11 +60,18 @@ def build_plugin(ref: PluginRef, settings: Settings) -> Plugin | None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    prices = build_price_table(settings)
+    store = create_store(settings.store)
+    registry = CollectorRegistry(auto_describe=True)
     providers = {name: build_provider(name, p) for name, p in settings.providers.items()}
     router = Router(settings.models, providers)
-    plugins = [p for ref in settings.plugins if (p := build_plugin(ref, settings)) is not None]
-    if settings.auth.mode == "keys" and not any(isinstance(p, AuthPlugin) for p in plugins):
-        raise ConfigError("plugins: auth.mode is 'keys' but the auth plugin is not in the list")
+    plugins = [
+        p
+        for ref in settings.plugins
+        if (p := build_plugin(ref, settings, store, prices, registry)) is not None
+    ]
+    if not any(isinstance(p, AccessPlugin) for p in plugins):
+        raise ConfigError("plugins: the access plugin (keys, limits, budgets) must be in the list")
     pipeline = Pipeline(plugins)
 
     app = web.Application(
@@ -63,26 +80,33 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[ROUTER] = router
     app[PIPELINE] = pipeline
+    app[STORE] = store
     app[READY] = {"started": False, "stopping": False}
 
     openai_routes = OpenAIRoutes(app)
     openai_routes.add_to(app.router)
+    AdminRoutes(app).add_to(app.router)
     ops_routes.add_to(app.router)
     for plugin in plugins:
         for method, path, handler in plugin.routes():
             app.router.add_route(method, path, handler)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await store.start()
         for p in providers.values():
             await p.start()
         await pipeline.startup(app)
         openai_routes.bind()
+        # Everything built so far lives as long as the process: keep it out of GC passes.
+        gc.collect()
+        gc.freeze()
         app[READY]["started"] = True
         yield
         app[READY]["stopping"] = True
         await pipeline.shutdown()
         for p in providers.values():
             await p.close()
+        await store.close()
 
     async def mark_stopping(app: web.Application) -> None:
         app[READY]["stopping"] = True

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from gateway import __version__
+from gateway import __version__, admin_cli
 from gateway.settings import ConfigError, Settings, load_settings, redacted
 
 log = logging.getLogger("tollway")
@@ -68,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, help="override server.port")
     p_check = sub.add_parser("check-config", help="validate a config and print it, secrets redacted")
     p_check.add_argument("--config", required=True)
+    admin_cli.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("keys", "teams"):
+        return admin_cli.run(args)
 
     try:
         settings = load_settings(args.config)

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.store.settings import StoreSettings
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _WHOLE_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}$")
 
@@ -139,13 +141,34 @@ ApiEndpoint = Literal["chat", "completions", "embeddings"]
 _ALL_ENDPOINTS: tuple[ApiEndpoint, ...] = ("chat", "completions", "embeddings")
 
 
+class PriceSettings(Strict):
+    """USD per million tokens; overrides genai-prices. `free: true` for models that cost nothing."""
+
+    input_per_mtok: float | None = Field(None, ge=0)
+    output_per_mtok: float | None = Field(None, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    free: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> PriceSettings:
+        if not self.free and self.input_per_mtok is None:
+            raise ValueError("give input_per_mtok (and output_per_mtok), or free: true")
+        return self
+
+
 class ModelSettings(Strict):
     deployments: list[DeploymentSettings] = Field(min_length=1)
     owned_by: str = "tollway"
+    price: PriceSettings | None = None
+    """None: looked up in genai-prices by the deployments' model names; startup fails if unknown."""
+    max_output_tokens: int = Field(4096, ge=1)
+    """Reservation cap when the client sends no max_tokens; then also sent upstream as max_tokens."""
     endpoints: list[ApiEndpoint] = Field(default_factory=lambda: list(_ALL_ENDPOINTS))
 
 
 class ClientKey(Strict):
+    """A key declared in config; seeded into the store at startup (never overwritten there)."""
+
     key: Secret
     team: str = Field(min_length=1)
     name: str | None = None
@@ -158,8 +181,6 @@ class AuthSettings(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> AuthSettings:
-        if self.mode == "keys" and not self.keys:
-            raise ValueError("auth.mode is 'keys' but no keys are configured (say mode: none to run open)")
         seen: set[str] = set()
         for k in self.keys:
             raw = k.key.get_secret_value()
@@ -169,6 +190,35 @@ class AuthSettings(Strict):
                 raise ValueError("duplicate client key")
             seen.add(raw)
         return self
+
+
+class AdminSettings(Strict):
+    key: Secret | None = None
+    """Bearer key for /admin; without it the admin API answers 403 to everyone."""
+
+
+class AlertSettings(Strict):
+    thresholds: list[float] = Field(default_factory=lambda: [0.8])
+    """Fractions of a budget at which to warn, once per period each."""
+    webhook_url: EnvStr | None = None
+    check_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in v):
+            raise ValueError("thresholds are fractions in (0, 1]")
+        return sorted(v)
+
+
+class BudgetSettings(Strict):
+    lease_ttl_s: float = Field(900.0, gt=0)
+    """How long a reservation holds budget if its request never settles (a crash)."""
+    on_store_failure: Literal["closed", "open"] = "closed"
+    """Store unreachable: `closed` rejects with 503; `open` admits keys seen recently."""
+    rate_limit_on_store_failure: Literal["closed", "open"] = "open"
+    cache_hit_cost_fraction: float = Field(0.0, ge=0, le=1)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
 
 class MetricsSettings(Strict):
@@ -202,8 +252,11 @@ class Settings(Strict):
     providers: dict[str, ProviderSettings] = Field(min_length=1)
     models: dict[str, ModelSettings] = Field(min_length=1)
     plugins: list[PluginRef] = Field(
-        default_factory=lambda: [PluginRef(name="auth"), PluginRef(name="metrics")]
+        default_factory=lambda: [PluginRef(name="metrics"), PluginRef(name="access")]
     )
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -217,6 +270,11 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _refs(self) -> Settings:
+        if self.auth.mode == "keys" and not self.auth.keys and self.admin.key is None:
+            raise ValueError(
+                "auth.mode is 'keys' but there are no keys in auth.keys and no admin.key to create "
+                "them with (say auth.mode: none to run open)"
+            )
         for mname, m in self.models.items():
             for i, d in enumerate(m.deployments):
                 if d.provider not in self.providers:

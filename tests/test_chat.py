@@ -329,7 +329,12 @@ async def test_upstream_connections_are_reused_after_streams(
 
 async def test_model_name_with_slash(fake: FakeUpstream, start_gateway: StartGateway, keys: TestKeys) -> None:
     url = await start_gateway(
-        models={"org/chat-model": {"deployments": [{"provider": "up", "model": "upstream-2"}]}}
+        models={
+            "org/chat-model": {
+                "price": {"free": True},
+                "deployments": [{"provider": "up", "model": "upstream-2"}],
+            }
+        }
     )
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=keys.team_a, max_retries=0) as c:
         r = await c.chat.completions.create(model="org/chat-model", messages=USER_MESSAGES)
@@ -347,6 +352,7 @@ async def test_weighted_deployments_all_used(
     url = await start_gateway(
         models={
             "gpt-multi": {
+                "price": {"free": True},
                 "deployments": [
                     {"provider": "up", "model": "upstream-a", "weight": 1},
                     {"provider": "oai", "model": "upstream-b", "weight": 1},

@@ -17,8 +17,11 @@ DEMO_KEY = "sk-tw-demo-key"
 
 
 @pytest.fixture
-async def demo(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[openai.AsyncOpenAI]:
+async def demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[openai.AsyncOpenAI]:
     monkeypatch.delenv("TOLLWAY_DEMO_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # the example's embedded store lives in ./data
     settings = load_settings(EXAMPLE)
     async with running_gateway(settings) as url:
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=DEMO_KEY, max_retries=0, timeout=15) as c:

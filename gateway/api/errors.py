@@ -36,6 +36,9 @@ def incoming_request_id(rid: str | None) -> str:
 
 def render(request: web.Request, e: GatewayError) -> web.Response:
     headers = {"Content-Type": "application/json", "x-request-id": request_id_of(request)}
+    ctx = request_ctx(request)
+    if ctx is not None and ctx.response_headers:
+        headers.update(ctx.response_headers)
     if e.headers:
         headers.update(e.headers)
     return web.Response(body=e.body(), status=e.status, headers=headers)

@@ -7,11 +7,13 @@ from aiohttp import web
 from gateway.pipeline import Pipeline, RequestContext
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.store.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 ROUTER = web.AppKey("router", Router)
 PIPELINE = web.AppKey("pipeline", Pipeline)
-READY = web.AppKey("ready", dict)
+READY = web.AppKey("ready", dict[str, bool])
+STORE = web.AppKey("store", Store)
 CTX = web.RequestKey("ctx", RequestContext)
 """Request-scoped key under which handlers leave their RequestContext for the error renderer."""
 

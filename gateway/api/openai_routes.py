@@ -118,6 +118,8 @@ class OpenAIRoutes:
         }
         if reply.headers:
             headers.update(reply.headers)
+        if ctx.response_headers:
+            headers.update(ctx.response_headers)
         return web.Response(body=reply.body, status=reply.status, headers=headers)
 
     async def _stream(
@@ -148,6 +150,7 @@ class OpenAIRoutes:
             "x-request-id": ctx.request_id,
             "x-tollway-overhead-ms": _overhead_header(ctx.overhead_s),
             **sc.headers,
+            **(ctx.response_headers or {}),
         }
         return web.Response(body=sc.body or b"", status=sc.status, headers=headers)
 

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.keys import PIPELINE, READY, ROUTER
+from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS, STORE
 
 
 async def health(request: web.Request) -> web.Response:
@@ -21,6 +21,10 @@ async def ready(request: web.Request) -> web.Response:
     state = app[READY]
     details: dict[str, Any] = {}
     ok = bool(state.get("started")) and not state.get("stopping")
+    store_ok = await app[STORE].ping() if state.get("started") else False
+    details["store"] = {"ok": store_ok}
+    if not store_ok and app[SETTINGS].budgets.on_store_failure == "closed":
+        ok = False
     for p in app[PIPELINE].plugins:
         h = p.health()
         if h is not None:

@@ -54,6 +54,7 @@ class _Downstream:
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 "x-request-id": ctx.request_id,
+                **(ctx.response_headers or {}),
             },
         )
         self._prep: asyncio.Future[None] | None = None
@@ -155,8 +156,9 @@ async def relay_stream(
             if t_upstream is not None:
                 ctx.upstream_s = time.perf_counter() - t_upstream
             down.stop()
+            ctx.usage = relay.usage
+            ctx.state["stream.events"] = relay.events
             await upstream.aclose()
-        ctx.usage = relay.usage
         if failure is None and not relay.done:
             failure = (
                 BadGateway(

@@ -64,6 +64,7 @@ class RequestContext:
         "provider",
         "public_model",
         "request_id",
+        "response_headers",
         "state",
         "status",
         "stream",
@@ -96,6 +97,8 @@ class RequestContext:
         """Seconds from request start to the first byte sent to the client (streams)."""
         self.overhead_s: float | None = None
         self.state: dict[str, Any] = {}
+        self.response_headers: dict[str, str] | None = None
+        """Headers plugins add to the client's response (e.g. x-ratelimit-*), errors included."""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start

@@ -21,8 +21,8 @@ class MetricsPlugin(Plugin):
     name = "metrics"
     fail_open = True
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         r = self.registry
         self.requests = Counter(
             "tollway_requests", "Requests by endpoint, model and HTTP status",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ TEST_ENV: Final[Mapping[str, str]] = {
     "TOLLWAY_TEST_UPSTREAM_KEY": "sk-upstream-compat-secret-0001",
     "TOLLWAY_TEST_OPENAI_KEY": "sk-upstream-openai-secret-0002",
     "TOLLWAY_TEST_AZURE_KEY": "azure-upstream-secret-0003",
+    "TOLLWAY_TEST_ADMIN_KEY": "sk-test-admin-0000",
 }
 """The environment variables the test config refers to, with the values set by default."""
 
@@ -58,6 +60,8 @@ class TestKeys:
     """Provider key of `oai` (openai)."""
     azure: str
     """Provider key of `azure`."""
+    admin: str
+    """The admin API key."""
 
 
 def install_test_env() -> TestKeys:
@@ -71,6 +75,7 @@ def install_test_env() -> TestKeys:
         upstream=env["TOLLWAY_TEST_UPSTREAM_KEY"],
         openai=env["TOLLWAY_TEST_OPENAI_KEY"],
         azure=env["TOLLWAY_TEST_AZURE_KEY"],
+        admin=env["TOLLWAY_TEST_ADMIN_KEY"],
     )
 
 
@@ -88,6 +93,9 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return out
 
 
+TEST_PRICE = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+
+
 def gateway_config(upstream_base_url: str, **overrides: Any) -> dict[str, Any]:
     """A typical config dict with every provider kind pointed at one upstream.
 
@@ -103,7 +111,9 @@ def gateway_config(upstream_base_url: str, **overrides: Any) -> dict[str, Any]:
       `gpt-4o-mini-2024-07-18`
     * `mock` (built-in): `mock-chat` -> `mock-small`
 
-    Client keys: `TOLLWAY_TEST_KEY_A` (team-a) and `TOLLWAY_TEST_KEY_B` (team-b).
+    Client keys: `TOLLWAY_TEST_KEY_A` (team-a) and `TOLLWAY_TEST_KEY_B` (team-b); admin key
+    `TOLLWAY_TEST_ADMIN_KEY`. Prices: $1 / $2 per million input / output tokens (`gpt-openai`
+    uses genai-prices). The store is embedded, in a fresh temporary directory per config.
     `overrides` are deep-merged into the top-level sections (see `deep_merge`), e.g.
     `gateway_config(url, providers={"up": {"timeouts": {"read_s": 0.3}}})`.
     """
@@ -142,22 +152,39 @@ def gateway_config(upstream_base_url: str, **overrides: Any) -> dict[str, Any]:
             "mock": {"kind": "mock"},
         },
         "models": {
-            "gpt-test": {"deployments": [{"provider": "up", "model": "upstream-chat-1"}]},
+            "gpt-test": {
+                "price": TEST_PRICE,
+                "deployments": [{"provider": "up", "model": "upstream-chat-1"}],
+            },
             "instruct-test": {
+                "price": TEST_PRICE,
                 "endpoints": ["completions"],
                 "deployments": [{"provider": "up", "model": "upstream-instruct-1"}],
             },
             "embed-test": {
+                "price": TEST_PRICE,
                 "endpoints": ["embeddings"],
                 "deployments": [{"provider": "up", "model": "upstream-embed-1"}],
             },
-            "gpt-azure": {"deployments": [{"provider": "azure", "model": "chat-deployment-1"}]},
+            "gpt-azure": {
+                "price": TEST_PRICE,
+                "deployments": [{"provider": "azure", "model": "chat-deployment-1"}],
+            },
             "embed-azure": {
+                "price": TEST_PRICE,
                 "endpoints": ["embeddings"],
                 "deployments": [{"provider": "azure", "model": "embed-deployment-1"}],
             },
             "gpt-openai": {"deployments": [{"provider": "oai", "model": "gpt-4o-mini-2024-07-18"}]},
-            "mock-chat": {"deployments": [{"provider": "mock", "model": "mock-small"}]},
+            "mock-chat": {
+                "price": {"free": True},
+                "deployments": [{"provider": "mock", "model": "mock-small"}],
+            },
+        },
+        "admin": {"key": "${TOLLWAY_TEST_ADMIN_KEY}"},
+        "store": {
+            "backend": "embedded",
+            "path": os.path.join(tempfile.mkdtemp(prefix="tollway-test-"), "t.db"),
         },
         "logging": {"level": "WARNING"},
     }

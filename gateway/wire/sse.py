@@ -86,7 +86,7 @@ class StreamRelay:
             and b'"error"' not in complete
             and complete.count(b'"usage"') == sum(complete.count(n) for n in _NULL_USAGE)
         ):
-            self.events += 1
+            self.events += complete.count(b"data:")
             return complete
         return self._filter(complete)
 

@@ -1,0 +1,551 @@
+"""access plugin: virtual keys, RPM/TPM limits and USD budgets in one store round trip.
+
+Auth, rate limiting and budget reservation are one plugin on purpose: the store checks all
+three atomically in a single call (one Redis round trip), so a request is either admitted and
+counted everywhere, or refused and counted nowhere. After the request, `on_response` settles
+the reservation with the real cost and appends the spend record; both run off the response
+path and are flushed on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from prometheus_client import CollectorRegistry, Counter
+
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+)
+from gateway.pipeline import Plugin, Principal, RequestContext, ShortCircuit
+from gateway.pricing import ModelPrice
+from gateway.settings import Settings
+from gateway.store.base import (
+    Admission,
+    AdmitResult,
+    KeyRecord,
+    RateInfo,
+    Scope,
+    Settlement,
+    SpendRecord,
+    Store,
+    StoreUnavailable,
+    TeamRecord,
+    nano_to_usd,
+    period_bounds,
+    period_id,
+)
+
+log = logging.getLogger("tollway.access")
+
+BILLABLE = frozenset({"chat", "completions", "embeddings"})
+_KEY_CACHE_MAX = 100_000
+_LEDGER_BATCH = 512
+
+
+class BudgetExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A deliberately generous estimate (about 3 characters a token) from the request body."""
+    chars = 0
+    items = 0
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            items += 1
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                chars += len(c)
+            elif isinstance(c, list):
+                for part in c:
+                    if isinstance(part, dict):
+                        t = part.get("text")
+                        chars += len(t) if isinstance(t, str) else 255 * 3  # an image: ~255 tokens
+            tc = m.get("tool_calls")
+            if tc:
+                chars += len(str(tc))
+        tools = body.get("tools")
+        if tools:
+            chars += len(str(tools))
+    else:
+        src = body.get("prompt", body.get("input"))
+        if isinstance(src, str):
+            chars, items = len(src), 1
+        elif isinstance(src, list):
+            for s in src:
+                items += 1
+                chars += len(s) if isinstance(s, str) else (len(s) * 3 if isinstance(s, list) else 3)
+    return chars // 3 + 4 * items + 3
+
+
+def client_key(headers: CIMultiDictProxy[str]) -> str | None:
+    """The key from `Authorization: Bearer …`, or `api-key` / `x-api-key` (Azure, Anthropic SDKs)."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return headers.get("api-key") or headers.get("x-api-key")
+
+
+def _fmt_reset(seconds: float) -> str:
+    """OpenAI's duration format for x-ratelimit-reset-*: `1s`, `6m0s`, `12ms`."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    s = math.ceil(seconds)
+    m, s = divmod(s, 60)
+    return f"{m}m{s}s" if m else f"{s}s"
+
+
+def _rate_headers(requests: RateInfo | None, tokens: RateInfo | None) -> dict[str, str]:
+    h: dict[str, str] = {}
+    if requests is not None:
+        h["x-ratelimit-limit-requests"] = str(requests.limit)
+        h["x-ratelimit-remaining-requests"] = str(max(requests.remaining, 0))
+        h["x-ratelimit-reset-requests"] = _fmt_reset(requests.reset_s)
+    if tokens is not None:
+        h["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        h["x-ratelimit-remaining-tokens"] = str(max(tokens.remaining, 0))
+        h["x-ratelimit-reset-tokens"] = _fmt_reset(tokens.reset_s)
+    return h
+
+
+@dataclass(slots=True)
+class _Lease:
+    id: str
+    key: KeyRecord
+    team: TeamRecord | None
+    est_prompt: int
+    est_tokens: int
+    price: ModelPrice
+
+
+class AccessPlugin(Plugin):
+    name = "access"
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        prices: dict[str, ModelPrice],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.open = settings.auth.mode == "none"
+        self.store = store
+        self.prices = prices
+        self.models = settings.models
+        self.budgets = settings.budgets
+        self.settings = settings
+        self._keys: dict[str, tuple[KeyRecord, float]] = {}
+        self._teams: dict[str, TeamRecord] = {}
+        self._ledger: list[SpendRecord] = []
+        self._retry: list[Settlement] = []
+        self._pending: set[asyncio.Task[None]] = set()
+        self._active: set[tuple[str, str]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._http: aiohttp.ClientSession | None = None
+        self.rejections = Counter(
+            "tollway_access_rejections", "Requests refused by access control",
+            ["reason", "scope"], registry=registry,
+        )
+        self.alerts = Counter(
+            "tollway_budget_alerts", "Soft budget alerts raised", ["scope", "threshold"],
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "tollway_store_errors", "Store calls that failed (backend unreachable)", ["op"],
+            registry=registry,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def on_startup(self, app: Any) -> None:
+        await self._seed_config_keys()
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._flush_loop()),
+            loop.create_task(self._alert_loop()),
+        ]
+
+    async def on_shutdown(self) -> None:
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await self._flush()
+        if self._http is not None:
+            await self._http.close()
+
+    async def _seed_config_keys(self) -> None:
+        now = time.time()
+        for k in self.settings.auth.keys:
+            raw = k.key.get_secret_value()
+            h = hash_key(raw)
+            if await self.store.get_team(k.team) is None:
+                await self.store.put_team(TeamRecord(id=k.team, name=k.team, created_at=now))
+            if await self.store.get_key_by_hash(h) is None:
+                await self.store.put_key(
+                    KeyRecord(
+                        id="key_cfg_" + h[:12], team_id=k.team, key_hash=h, prefix=raw[:10],
+                        name=k.name or "config key", created_at=now,
+                        metadata={"source": "config"},
+                    )
+                )
+
+    # ---- request hooks -----------------------------------------------------------------------
+
+    async def on_headers(self, ctx: RequestContext) -> None:
+        if self.open:
+            ctx.principal = Principal(team="default", key_id="anonymous")
+            return
+        raw = client_key(ctx.headers)
+        if not raw:
+            self.rejections.labels("missing_key", "key").inc()
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        h = hash_key(raw)
+        ctx.state["access.hash"] = h
+        cached = self._keys.get(h)
+        # Billable requests are re-checked atomically by admit(); others look the key up now.
+        if cached is None or ctx.endpoint not in BILLABLE:
+            key = await self.lookup(h)
+        else:
+            key = cached[0]
+        self.check_key(key, h)
+        assert key is not None
+        ctx.principal = Principal(team=key.team_id, key_id=key.id, key_name=key.name)
+
+    async def lookup(self, h: str) -> KeyRecord | None:
+        try:
+            key = await self.store.get_key_by_hash(h)
+        except StoreUnavailable:
+            self.store_errors.labels("get_key").inc()
+            cached = self._keys.get(h)
+            if cached is not None and self.budgets.on_store_failure == "open":
+                return cached[0]
+            raise ServiceUnavailable(
+                "The gateway's key store is unreachable; try again shortly.",
+                code="store_unavailable",
+            ) from None
+        if key is not None:
+            self._remember(h, key)
+        return key
+
+    def _remember(self, h: str, key: KeyRecord) -> None:
+        if len(self._keys) >= _KEY_CACHE_MAX:
+            self._keys.clear()
+        self._keys[h] = (key, time.monotonic())
+
+    def check_key(self, key: KeyRecord | None, h: str) -> None:
+        if key is None:
+            self._keys.pop(h, None)
+            self.rejections.labels("invalid_key", "key").inc()
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if key.revoked_at is not None:
+            self._keys.pop(h, None)
+            self.rejections.labels("revoked", "key").inc()
+            raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
+        if key.expires_at is not None and key.expires_at <= time.time():
+            self.rejections.labels("expired", "key").inc()
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+
+    def _max_output(self, ctx: RequestContext) -> int:
+        body = ctx.body
+        assert body is not None
+        if ctx.endpoint == "embeddings":
+            return 0
+        for k in ("max_completion_tokens", "max_tokens"):
+            v = body.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        cap = self.models[ctx.public_model or ""].max_output_tokens
+        body["max_tokens"] = cap
+        return cap
+
+    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+        if self.open or ctx.endpoint not in BILLABLE:
+            return None
+        body = ctx.body
+        model = ctx.public_model
+        assert body is not None and model is not None
+        h: str = ctx.state["access.hash"]
+        price = self.prices[model]
+        n = body.get("n")
+        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        est_prompt = estimate_prompt_tokens(body)
+        est_out = self._max_output(ctx) * choices
+        lease_id = uuid.uuid4().hex
+        admission = Admission(
+            key_hash=h,
+            now=time.time(),
+            model=model,
+            est_tokens=est_prompt + est_out,
+            reserve_nano=price.cost_nano(est_prompt, est_out),
+            lease_id=lease_id,
+            lease_ttl_s=self.budgets.lease_ttl_s,
+        )
+        try:
+            res = await self.store.admit(admission)
+        except StoreUnavailable:
+            self.store_errors.labels("admit").inc()
+            self._admit_degraded(ctx, h)
+            return None
+        self._apply(ctx, h, res)
+        assert res.key is not None
+        ctx.state["access.lease"] = _Lease(lease_id, res.key, res.team, est_prompt,
+                                          admission.est_tokens, price)
+        return None
+
+    def _admit_degraded(self, ctx: RequestContext, h: str) -> None:
+        """Store down: budgets fail closed (default), rate limits open; configurable."""
+        cached = self._keys.get(h)
+        if (
+            self.budgets.on_store_failure == "closed"
+            or self.budgets.rate_limit_on_store_failure == "closed"
+            or cached is None
+        ):
+            raise ServiceUnavailable(
+                "Budgets cannot be checked because the gateway's store is unreachable; "
+                "the request was not sent. Try again shortly.",
+                code="store_unavailable",
+            )
+        log.warning("store unreachable: admitting key %s without budget checks", cached[0].id)
+        ctx.state["access.unmetered"] = cached[0]
+
+    def _apply(self, ctx: RequestContext, h: str, res: AdmitResult) -> None:
+        status = res.status
+        if res.key is not None:
+            self._remember(h, res.key)
+            ctx.principal = Principal(team=res.key.team_id, key_id=res.key.id, key_name=res.key.name)
+        if res.team is not None:
+            self._teams[res.team.id] = res.team
+        headers = _rate_headers(res.requests, res.tokens)
+        if headers:
+            ctx.response_headers = headers
+        if status == "ok":
+            if res.key is not None:
+                self._active.add((res.key.id, res.key.team_id))
+            return
+        scope = res.scope or "key"
+        self.rejections.labels(status, scope).inc()
+        if status in ("unknown_key", "revoked", "expired"):
+            self.check_key(None if status == "unknown_key" else res.key, h)
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        if status == "model_not_allowed":
+            who = self._who(res, scope)
+            raise PermissionDenied(
+                f"{who} is not allowed to use the model `{ctx.public_model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if status == "rate_limited":
+            wait = max(res.retry_after_s or 1.0, 0.001)
+            kind = res.limit_kind or "requests"
+            err = RateLimited(
+                f"Rate limit reached for {self._who(res, scope)}: too many {kind} per minute. "
+                f"Try again in {wait:.3f}s.",
+                headers={
+                    **headers,
+                    "retry-after": str(math.ceil(wait)),
+                    "retry-after-ms": str(math.ceil(wait * 1000)),
+                },
+            )
+            err.type = kind
+            raise err
+        # over_budget
+        reset = res.budget_reset_at
+        when = (
+            "does not reset (a total budget)"
+            if reset is None
+            else "resets at " + datetime.fromtimestamp(reset, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
+        raise BudgetExceeded(
+            f"Budget exceeded for {self._who(res, scope)}; it {when}.",
+            headers={**headers, "x-should-retry": "false"},
+        )
+
+    @staticmethod
+    def _who(res: AdmitResult, scope: str) -> str:
+        if scope == "team":
+            t = res.team
+            return f"team '{t.name if t else '?'}'"
+        k = res.key
+        return f"key '{k.name or k.id}'" if k else "this key"
+
+    # ---- after the request -------------------------------------------------------------------
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        lease: _Lease | None = ctx.state.pop("access.lease", None)
+        unmetered: KeyRecord | None = ctx.state.pop("access.unmetered", None)
+        if lease is None and unmetered is None:
+            return
+        usage = ctx.usage
+        cache = ctx.state.get("cache.status", "miss")
+        price = lease.price if lease else self.prices[ctx.public_model or ""]
+        if usage is not None:
+            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        elif ctx.deployment is not None and ctx.upstream_s > 0:
+            # Reached the upstream but no usage came back (client gone, stream cut): bill what
+            # was produced as well as we can tell.
+            prompt = lease.est_prompt if lease else 0
+            completion = max(int(ctx.state.get("stream.events", 0)) - 2, 0)
+            cached = 0
+        else:
+            prompt = completion = cached = 0
+        cost = price.cost_nano(prompt, completion, cached)
+        if cache.startswith("hit"):
+            cost = round(cost * self.budgets.cache_hit_cost_fraction)
+        key = lease.key if lease else unmetered
+        assert key is not None
+        now = time.time()
+        self._ledger.append(
+            SpendRecord(
+                ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
+                model=ctx.public_model or "", provider=ctx.provider or "",
+                prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                cost_nano=cost, cache=cache, latency_ms=round(ctx.elapsed() * 1000, 3),
+                status=ctx.status,
+            )
+        )
+        if lease is not None:
+            s = Settlement(
+                lease_id=lease.id, key_id=key.id, team_id=key.team_id, now=now,
+                actual_nano=cost, est_tokens=lease.est_tokens, actual_tokens=prompt + completion,
+            )
+            task = asyncio.get_running_loop().create_task(self._settle(s))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        if len(self._ledger) >= _LEDGER_BATCH:
+            await self._flush_ledger()
+
+    async def _settle(self, s: Settlement) -> None:
+        try:
+            await self.store.settle(s)
+        except StoreUnavailable:
+            self.store_errors.labels("settle").inc()
+            self._retry.append(s)  # settle is idempotent: retried by the flush loop
+        except Exception:
+            log.exception("settle failed for lease %s", s.lease_id)
+
+    async def _flush_ledger(self) -> None:
+        if not self._ledger:
+            return
+        batch, self._ledger = self._ledger, []
+        try:
+            await self.store.record_spend(batch)
+        except StoreUnavailable:
+            self.store_errors.labels("record_spend").inc()
+            self._ledger[:0] = batch
+
+    async def _flush(self) -> None:
+        retry, self._retry = self._retry, []
+        for s in retry:
+            await self._settle(s)
+        await self._flush_ledger()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("ledger flush failed")
+
+    # ---- soft budget alerts ------------------------------------------------------------------
+
+    async def _alert_loop(self) -> None:
+        alerts = self.budgets.alerts
+        while True:
+            await asyncio.sleep(alerts.check_interval_s)
+            active, self._active = self._active, set()
+            for key_id, team_id in active:
+                try:
+                    await self._check_alerts(key_id, team_id)
+                except StoreUnavailable:
+                    self._active.add((key_id, team_id))
+                except Exception:
+                    log.exception("budget alert check failed")
+
+    async def _check_alerts(self, key_id: str, team_id: str) -> None:
+        key = await self.store.get_key(key_id)
+        team = self._teams.get(team_id) or await self.store.get_team(team_id)
+        scopes: list[tuple[Scope, str]] = []
+        if key is not None and key.budget is not None:
+            scopes.append((Scope("key", key.id, budget=key.budget), f"key '{key.name or key.id}'"))
+        if team is not None and team.budget is not None:
+            scopes.append((Scope("team", team.id, budget=team.budget), f"team '{team.name}'"))
+        now = time.time()
+        for scope, label in scopes:
+            assert scope.budget is not None
+            state = await self.store.budget(scope, now)
+            if not state.limit_nano:
+                continue
+            frac = state.spent_nano / state.limit_nano
+            _, end = period_bounds(scope.budget.period, now)
+            for t in self.budgets.alerts.thresholds:
+                if frac < t:
+                    break
+                flag = f"alert:{scope.name}:{period_id(scope.budget.period, now)}:{t}"
+                ttl = (end - now + 86400) if end is not None else None
+                if await self.store.set_once(flag, ttl):
+                    await self._alert(scope, label, t, state.spent_nano, state.limit_nano, end)
+
+    async def _alert(
+        self, scope: Scope, label: str, threshold: float, spent: int, limit: int, end: float | None
+    ) -> None:
+        msg = (
+            f"budget alert: {label} has spent ${nano_to_usd(spent):.4f} of ${nano_to_usd(limit):.4f} "
+            f"({spent / limit:.0%}, threshold {threshold:.0%})"
+        )
+        log.warning(msg)
+        self.alerts.labels(scope.kind, str(threshold)).inc()
+        url = self.budgets.alerts.webhook_url
+        if not url:
+            return
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        payload = {
+            "type": "budget_alert",
+            "scope": scope.kind,
+            "id": scope.id,
+            "name": label,
+            "threshold": threshold,
+            "spent_usd": nano_to_usd(spent),
+            "limit_usd": nano_to_usd(limit),
+            "period": scope.budget.period if scope.budget else None,
+            "period_end": end,
+            "message": msg,
+        }
+        try:
+            async with self._http.post(url, json=payload) as r:
+                if r.status >= 300:
+                    log.warning("budget alert webhook answered HTTP %d", r.status)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("budget alert webhook failed: %s", e)

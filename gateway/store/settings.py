@@ -1,0 +1,23 @@
+"""The `store:` section of the config: which backend holds keys, budgets and the ledger."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StoreSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    path: str = "data/tollway.db"
+    """embedded: the SQLite file (its parent directory is created)."""
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis: the server."""
+    prefix: str = "tw:"
+    """redis: every key name starts with this, so several gateways can share one server."""
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    """embedded: how often buffered spend and ledger rows are written to disk."""
+    socket_timeout_s: float = Field(default=1.0, gt=0)
+    connect_timeout_s: float = Field(default=0.5, gt=0)
