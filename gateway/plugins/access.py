@@ -54,6 +54,7 @@ log = logging.getLogger("tollway.access")
 BILLABLE = frozenset({"chat", "completions", "embeddings"})
 _KEY_CACHE_MAX = 100_000
 _LEDGER_BATCH = 512
+_LEDGER_MAX_BUFFER = 200_000
 
 
 class BudgetExceeded(GatewayError):
@@ -409,16 +410,17 @@ class AccessPlugin(Plugin):
         usage = ctx.usage
         cache = ctx.state.get("cache.status", "miss")
         price = lease.price if lease else self.prices[ctx.public_model or ""]
+        events = int(ctx.state.get("stream.events", 0))
         if usage is not None:
             prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        elif ctx.deployment is not None and ctx.upstream_s > 0:
-            # Reached the upstream but no usage came back (client gone, stream cut): bill what
-            # was produced as well as we can tell.
+        elif events > 0 or (ctx.status == 499 and ctx.deployment is not None):
+            # The upstream worked on it but no usage came back (client gone, stream cut): bill
+            # the estimated prompt and one token per content event relayed.
             prompt = lease.est_prompt if lease else 0
-            completion = max(int(ctx.state.get("stream.events", 0)) - 2, 0)
+            completion = max(events - 2, 0)
             cached = 0
         else:
-            prompt = completion = cached = 0
+            prompt = completion = cached = 0  # refused or failed before the upstream answered
         cost = price.cost_nano(prompt, completion, cached)
         if cache.startswith("hit"):
             cost = round(cost * self.budgets.cache_hit_cost_fraction)
@@ -450,7 +452,10 @@ class AccessPlugin(Plugin):
             await self.store.settle(s)
         except StoreUnavailable:
             self.store_errors.labels("settle").inc()
-            self._retry.append(s)  # settle is idempotent: retried by the flush loop
+            if len(self._retry) < _LEDGER_MAX_BUFFER:
+                self._retry.append(s)  # settle is idempotent: retried by the flush loop
+            else:
+                log.error("store unreachable: settlement of lease %s dropped", s.lease_id)
         except Exception:
             log.exception("settle failed for lease %s", s.lease_id)
 
@@ -463,6 +468,10 @@ class AccessPlugin(Plugin):
         except StoreUnavailable:
             self.store_errors.labels("record_spend").inc()
             self._ledger[:0] = batch
+            if len(self._ledger) > _LEDGER_MAX_BUFFER:
+                dropped = len(self._ledger) - _LEDGER_MAX_BUFFER
+                del self._ledger[:dropped]
+                log.error("store unreachable: dropped %d oldest spend records", dropped)
 
     async def _flush(self) -> None:
         retry, self._retry = self._retry, []

@@ -6,16 +6,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.envref import EnvStr
+
 
 class StoreSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["embedded", "redis"] = "embedded"
-    path: str = "data/tollway.db"
+    path: EnvStr = "data/tollway.db"
     """embedded: the SQLite file (its parent directory is created)."""
-    url: str = "redis://127.0.0.1:6379/0"
+    url: EnvStr = "redis://127.0.0.1:6379/0"
     """redis: the server."""
-    prefix: str = "tw:"
+    prefix: EnvStr = "tw:"
     """redis: every key name starts with this, so several gateways can share one server."""
     flush_interval_s: float = Field(default=1.0, gt=0)
     """embedded: how often buffered spend and ledger rows are written to disk."""
