@@ -14,8 +14,10 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
 )
 from gateway.pipeline.plugin import Handler
+from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("tollway.api")
 
@@ -71,6 +73,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if e.status < 400:
             raise
         return render(request, _from_http(request, e))
+    except StoreUnavailable:
+        return render(
+            request,
+            ServiceUnavailable(
+                "The gateway's store is unreachable; try again shortly.", code="store_unavailable"
+            ),
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return render(request, InternalError("The gateway hit an internal error."))

@@ -13,8 +13,8 @@ import asyncio
 import hashlib
 import logging
 import math
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,9 +52,8 @@ from gateway.store.base import (
 log = logging.getLogger("tollway.access")
 
 BILLABLE = frozenset({"chat", "completions", "embeddings"})
+_SETTLE_GRACE_S = 1.0
 _KEY_CACHE_MAX = 100_000
-_LEDGER_BATCH = 512
-_LEDGER_MAX_BUFFER = 200_000
 
 
 class BudgetExceeded(GatewayError):
@@ -163,10 +162,10 @@ class AccessPlugin(Plugin):
         self.settings = settings
         self._keys: dict[str, tuple[KeyRecord, float]] = {}
         self._teams: dict[str, TeamRecord] = {}
-        self._ledger: list[SpendRecord] = []
-        self._retry: list[Settlement] = []
-        self._pending: set[asyncio.Task[None]] = set()
-        self._active: set[tuple[str, str]] = set()
+        self._active: dict[tuple[str, str], float] = {}
+        """(key id, team id) -> monotonic time of its last settled request, for alert checks."""
+        self._lease_prefix = secrets.token_hex(8) + "-"  # unique per process; a counter after it
+        self._lease_seq = 0
         self._loops: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
         self.rejections = Counter(
@@ -187,18 +186,13 @@ class AccessPlugin(Plugin):
     async def on_startup(self, app: Any) -> None:
         await self._seed_config_keys()
         loop = asyncio.get_running_loop()
-        self._loops = [
-            loop.create_task(self._flush_loop()),
-            loop.create_task(self._alert_loop()),
-        ]
+        self._loops = [loop.create_task(self._alert_loop())]
 
     async def on_shutdown(self) -> None:
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
-        await self._flush()
+        # Submitted settlements and spend are flushed by store.close(), after every plugin.
         if self._http is not None:
             await self._http.close()
 
@@ -302,7 +296,8 @@ class AccessPlugin(Plugin):
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
         est_prompt = estimate_prompt_tokens(body)
         est_out = self._max_output(ctx) * choices
-        lease_id = uuid.uuid4().hex
+        self._lease_seq += 1
+        lease_id = f"{self._lease_prefix}{self._lease_seq:x}"
         admission = Admission(
             key_hash=h,
             now=time.time(),
@@ -351,8 +346,6 @@ class AccessPlugin(Plugin):
         if headers:
             ctx.response_headers = headers
         if status == "ok":
-            if res.key is not None:
-                self._active.add((res.key.id, res.key.team_id))
             return
         scope = res.scope or "key"
         self.rejections.labels(status, scope).inc()
@@ -427,65 +420,22 @@ class AccessPlugin(Plugin):
         key = lease.key if lease else unmetered
         assert key is not None
         now = time.time()
-        self._ledger.append(
-            SpendRecord(
-                ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
-                model=ctx.public_model or "", provider=ctx.provider or "",
-                prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-                cost_nano=cost, cache=cache, latency_ms=round(ctx.elapsed() * 1000, 3),
-                status=ctx.status,
-            )
+        record = SpendRecord(
+            ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
+            model=ctx.public_model or "", provider=ctx.provider or "",
+            prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+            cost_nano=cost, cache=cache, latency_ms=round(ctx.elapsed() * 1000, 3),
+            status=ctx.status,
         )
+        settlement = None
         if lease is not None:
-            s = Settlement(
+            settlement = Settlement(
                 lease_id=lease.id, key_id=key.id, team_id=key.team_id, now=now,
                 actual_nano=cost, est_tokens=lease.est_tokens, actual_tokens=prompt + completion,
             )
-            task = asyncio.get_running_loop().create_task(self._settle(s))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-        if len(self._ledger) >= _LEDGER_BATCH:
-            await self._flush_ledger()
-
-    async def _settle(self, s: Settlement) -> None:
-        try:
-            await self.store.settle(s)
-        except StoreUnavailable:
-            self.store_errors.labels("settle").inc()
-            if len(self._retry) < _LEDGER_MAX_BUFFER:
-                self._retry.append(s)  # settle is idempotent: retried by the flush loop
-            else:
-                log.error("store unreachable: settlement of lease %s dropped", s.lease_id)
-        except Exception:
-            log.exception("settle failed for lease %s", s.lease_id)
-
-    async def _flush_ledger(self) -> None:
-        if not self._ledger:
-            return
-        batch, self._ledger = self._ledger, []
-        try:
-            await self.store.record_spend(batch)
-        except StoreUnavailable:
-            self.store_errors.labels("record_spend").inc()
-            self._ledger[:0] = batch
-            if len(self._ledger) > _LEDGER_MAX_BUFFER:
-                dropped = len(self._ledger) - _LEDGER_MAX_BUFFER
-                del self._ledger[:dropped]
-                log.error("store unreachable: dropped %d oldest spend records", dropped)
-
-    async def _flush(self) -> None:
-        retry, self._retry = self._retry, []
-        for s in retry:
-            await self._settle(s)
-        await self._flush_ledger()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                await self._flush()
-            except Exception:
-                log.exception("ledger flush failed")
+        # Write-behind: the store batches settlements and ledger records (and retries them).
+        self.store.submit(settlement, record)
+        self._active[(key.id, key.team_id)] = time.monotonic()
 
     # ---- soft budget alerts ------------------------------------------------------------------
 
@@ -493,14 +443,18 @@ class AccessPlugin(Plugin):
         alerts = self.budgets.alerts
         while True:
             await asyncio.sleep(alerts.check_interval_s)
-            active, self._active = self._active, set()
-            for key_id, team_id in active:
+            started = time.monotonic()
+            for scope, last in list(self._active.items()):
                 try:
-                    await self._check_alerts(key_id, team_id)
+                    await self._check_alerts(*scope)
                 except StoreUnavailable:
-                    self._active.add((key_id, team_id))
+                    continue
                 except Exception:
                     log.exception("budget alert check failed")
+                # Spend is written behind (batched): look once more after the last request's
+                # settlement surely landed, then forget the scope until it is used again.
+                if started - last > _SETTLE_GRACE_S and self._active.get(scope) == last:
+                    del self._active[scope]
 
     async def _check_alerts(self, key_id: str, team_id: str) -> None:
         key = await self.store.get_key(key_id)

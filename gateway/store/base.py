@@ -257,6 +257,14 @@ class Store(Protocol):
         the period the lease was taken in (even if the lease had expired), correct the TPM
         window by actual_tokens - est_tokens. Idempotent by lease_id."""
 
+    def submit(self, settlement: Settlement | None, record: SpendRecord) -> None:
+        """Fire and forget, for the request path: settle (if given) and append `record` to the
+        ledger soon. The store batches (on Redis one pipelined round trip per batch), keeps
+        retrying while the backend is unreachable (bounded), and `close()` flushes everything."""
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far has been written (or failed to be)."""
+
     async def budget(self, scope: Scope, now: float) -> BudgetState: ...
 
     # ---- ledger ------------------------------------------------------------------------------

@@ -300,6 +300,15 @@ class EmbeddedStore:
     async def settle(self, s: Settlement) -> None:
         self.settle_now(s)
 
+    def submit(self, settlement: Settlement | None, record: SpendRecord) -> None:
+        # In memory both are immediate; the journal flush makes them durable within a second.
+        if settlement is not None:
+            self.settle_now(settlement)
+        self._ledger.append(record)
+
+    async def drain(self) -> None:
+        return None
+
     def settle_now(self, s: Settlement) -> None:
         if s.lease_id in self._settled:
             return

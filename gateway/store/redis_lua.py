@@ -221,3 +221,25 @@ local kid = redis.call('HGET', P .. 'kh', ARGV[2])
 if not kid then return false end
 return redis.call('HGET', P .. 'keys', kid)
 """
+
+LEDGER = r"""
+-- ARGV: 1 prefix, 2 stream maxlen, 3 aggregate TTL (s), 4.. one JSON record each:
+-- {"day","team","key","model","p","c","cost", ...}; the JSON goes into the stream as is.
+local P = ARGV[1]
+local maxlen = ARGV[2]
+local ttl = ARGV[3]
+local seen = {}
+for i = 4, #ARGV do
+  local r = cjson.decode(ARGV[i])
+  redis.call('XADD', P .. 'ledger', 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
+  local agg = P .. 'agg:' .. r.day
+  local base = r.team .. '\31' .. r.key .. '\31' .. r.model .. '\31'
+  redis.call('HINCRBY', agg, base .. 'n', 1)
+  redis.call('HINCRBY', agg, base .. 'p', string.format('%d', r.p))
+  redis.call('HINCRBY', agg, base .. 'c', string.format('%d', r.c))
+  redis.call('HINCRBY', agg, base .. '$', string.format('%d', r.cost))
+  seen[agg] = true
+end
+for agg, _ in pairs(seen) do redis.call('EXPIRE', agg, ttl) end
+return #ARGV - 3
+"""

@@ -9,9 +9,11 @@ quickly (short socket timeouts); the connection pool reconnects by itself when i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -57,6 +59,10 @@ _LEDGER_MAXLEN = 1_000_000
 _AGG_TTL_S = 400 * DAY_S
 _LEASE_KEYS_EXTRA_TTL_S = DAY_S
 _SEP = "\x1f"
+_BATCH = 1000
+_FLUSH_EVERY_S = 0.05
+_MAX_QUEUE = 200_000
+_CLOSE_DRAIN_S = 5.0
 
 
 class _Unavailable:
@@ -95,6 +101,11 @@ class RedisStore:
         self._budget: AsyncScript | None = None
         self._put_key: AsyncScript | None = None
         self._key_by_hash: AsyncScript | None = None
+        self._ledger_script: AsyncScript | None = None
+        self._queue: list[tuple[Settlement | None, SpendRecord]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -120,13 +131,81 @@ class RedisStore:
         self._budget = self._r.register_script(redis_lua.BUDGET)
         self._put_key = self._r.register_script(redis_lua.PUT_KEY)
         self._key_by_hash = self._r.register_script(redis_lua.KEY_BY_HASH)
+        self._ledger_script = self._r.register_script(redis_lua.LEDGER)
+        self._wake = asyncio.Event()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         if not await self.ping():
             log.warning("redis at %s is not reachable yet; the store will keep trying", self._url)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        if self._r is not None:
+            try:
+                await asyncio.wait_for(self._drain_all(), _CLOSE_DRAIN_S)
+            except (TimeoutError, StoreUnavailable):
+                log.error("redis unreachable at shutdown: %d settlements/spend records lost",
+                          len(self._queue))
         r, self._r = self._r, None
         if r is not None:
             await r.aclose()
+
+    # ---- batched settle + ledger (the request path's write-behind) ------------------------------
+
+    def submit(self, settlement: Settlement | None, record: SpendRecord) -> None:
+        self._queue.append((settlement, record))
+        if len(self._queue) >= _BATCH:
+            self._wake.set()
+
+    async def drain(self) -> None:
+        await self._drain_all()
+
+    async def _drain_all(self) -> None:
+        while self._queue:
+            await self._flush_batch()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), _FLUSH_EVERY_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                while self._queue:
+                    await self._flush_batch()
+            except StoreUnavailable as e:
+                log.warning("redis unavailable; %d settlements/spend records queued: %s",
+                            len(self._queue), e)
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("flushing settlements to redis failed; will retry")
+                await asyncio.sleep(0.5)
+
+    async def _flush_batch(self) -> None:
+        async with self._flush_lock:
+            batch = self._queue[:_BATCH]
+            if not batch:
+                return
+            del self._queue[: len(batch)]
+            try:
+                async with self._redis().pipeline(transaction=False) as pipe:
+                    for s, _ in batch:
+                        if s is not None:
+                            assert self._settle is not None
+                            await self._settle(args=self._settle_args(s), client=pipe)
+                    await self._ledger_call([r for _, r in batch], pipe)
+                    with _unavailable:
+                        await pipe.execute()
+            except BaseException:
+                self._queue[:0] = batch
+                if len(self._queue) > _MAX_QUEUE:
+                    dropped = len(self._queue) - _MAX_QUEUE
+                    del self._queue[:dropped]
+                    log.error("redis unavailable: dropped %d oldest spend records", dropped)
+                raise
 
     async def ping(self) -> bool:
         try:
@@ -228,16 +307,18 @@ class RedisStore:
             requests=requests, tokens=tokens,
         )
 
-    async def settle(self, s: Settlement) -> None:
-        assert self._settle is not None
+    def _settle_args(self, s: Settlement) -> list[EncodableT]:
         pids = period_ids(s.now)
-        args: list[EncodableT] = [
+        return [
             self._p, s.lease_id, s.key_id, s.team_id, repr(s.now), s.actual_nano,
             s.actual_tokens - s.est_tokens, pids["daily"], pids["weekly"], pids["monthly"],
             SETTLED_TTL_S,
         ]
+
+    async def settle(self, s: Settlement) -> None:
+        assert self._settle is not None
         with _unavailable:
-            await self._settle(args=args)
+            await self._settle(args=self._settle_args(s))
 
     async def budget(self, scope: Scope, now: float) -> BudgetState:
         assert self._budget is not None
@@ -255,33 +336,25 @@ class RedisStore:
     async def record_spend(self, records: list[SpendRecord]) -> None:
         if not records:
             return
-        p = self._p
-        aggs: set[str] = set()
         with _unavailable:
-            async with self._redis().pipeline(transaction=True) as pipe:
-                for r in records:
-                    pipe.xadd(
-                        p + "ledger",
-                        {
-                            "ts": repr(r.ts), "request_id": r.request_id, "team_id": r.team_id,
-                            "key_id": r.key_id, "model": r.model, "provider": r.provider,
-                            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                            "cached_tokens": r.cached_tokens, "cost_nano": r.cost_nano,
-                            "cache": r.cache, "latency_ms": repr(r.latency_ms), "status": r.status,
-                        },
-                        maxlen=_LEDGER_MAXLEN,
-                        approximate=True,
-                    )
-                    agg = p + "agg:" + day_str(r.ts)
-                    aggs.add(agg)
-                    base = _SEP.join((r.team_id, r.key_id, r.model, ""))
-                    pipe.hincrby(agg, base + "n", 1)
-                    pipe.hincrby(agg, base + "p", r.prompt_tokens)
-                    pipe.hincrby(agg, base + "c", r.completion_tokens)
-                    pipe.hincrby(agg, base + "$", r.cost_nano)
-                for agg in aggs:
-                    pipe.expire(agg, _AGG_TTL_S)
-                await pipe.execute()
+            await self._ledger_call(records, None)
+
+    async def _ledger_call(self, records: list[SpendRecord], client: Any) -> Any:
+        assert self._ledger_script is not None
+        args: list[EncodableT] = [self._p, _LEDGER_MAXLEN, _AGG_TTL_S]
+        for r in records:
+            args.append(
+                orjson.dumps(
+                    {
+                        "ts": r.ts, "id": r.request_id, "team": r.team_id, "key": r.key_id,
+                        "model": r.model, "provider": r.provider, "p": r.prompt_tokens,
+                        "c": r.completion_tokens, "cached": r.cached_tokens, "cost": r.cost_nano,
+                        "cache": r.cache, "lat": r.latency_ms, "status": r.status,
+                        "day": day_str(r.ts),
+                    }
+                )
+            )
+        return await self._ledger_script(args=args, client=client)
 
     async def query_spend(
         self, start: float, end: float, group_by: list[GroupBy], team_id: str | None = None

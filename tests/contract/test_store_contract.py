@@ -537,6 +537,23 @@ async def test_record_and_query_spend(store: Store) -> None:
     assert await store.query_spend(d3 + DAY, d3 + 2 * DAY, ["team"]) == []
 
 
+async def test_submit_settles_and_records_in_batches(store: Store) -> None:
+    """The request path's write-behind: submit() is fire-and-forget, drain() waits for it."""
+    spec = BudgetSpec(10_000_000, "daily")
+    await seed(store, team(budget=spec), key(budget=spec))
+    for i in range(300):
+        assert (await store.admit(adm(T0, reserve=1000, lease=f"S{i}"))).status == "ok"
+    for i in range(300):
+        store.submit(settlement(f"S{i}", T0 + 1, 7), spend(T0 + 1, "t1", "k1", "m", 7))
+    store.submit(settlement("S0", T0 + 2, 7), spend(T0 + 2, "t1", "k1", "m", 0))  # settled twice
+    store.submit(None, spend(T0 + 2, "t1", "k1", "m", 5))  # a record without a lease
+    await store.drain()
+    s = await store.budget(Scope("key", "k1", budget=spec), T0 + 3)
+    assert (s.spent_nano, s.reserved_nano) == (300 * 7, 0)
+    rows = await store.query_spend(T0, T0 + DAY, ["key"])
+    assert [(r.key_id, r.requests, r.cost_nano) for r in rows] == [("k1", 302, 300 * 7 + 5)]
+
+
 async def test_record_spend_nothing(store: Store) -> None:
     await store.record_spend([])
     assert await store.query_spend(T0, T0 + DAY, ["day"]) == []
