@@ -235,6 +235,7 @@ class AccessPlugin(Plugin):
             key = cached[0]
         self.check_key(key, h)
         assert key is not None
+        ctx.state["access.key"] = key
         ctx.principal = Principal(team=key.team_id, key_id=key.id, key_name=key.name)
 
     async def lookup(self, h: str) -> KeyRecord | None:
@@ -313,7 +314,14 @@ class AccessPlugin(Plugin):
             self.store_errors.labels("admit").inc()
             self._admit_degraded(ctx, h)
             return None
-        self._apply(ctx, h, res)
+        except asyncio.CancelledError:
+            # The client left while the store was deciding: the admission may have been applied.
+            # Settling the lease (idempotent, cost 0) in on_response releases it either way.
+            ctx.state["access.lease"] = _Lease(
+                lease_id, ctx.state["access.key"], None, est_prompt, admission.est_tokens, price
+            )
+            raise
+        self._apply(ctx, h, res, admission.est_tokens)
         assert res.key is not None
         ctx.state["access.lease"] = _Lease(lease_id, res.key, res.team, est_prompt,
                                           admission.est_tokens, price)
@@ -335,7 +343,7 @@ class AccessPlugin(Plugin):
         log.warning("store unreachable: admitting key %s without budget checks", cached[0].id)
         ctx.state["access.unmetered"] = cached[0]
 
-    def _apply(self, ctx: RequestContext, h: str, res: AdmitResult) -> None:
+    def _apply(self, ctx: RequestContext, h: str, res: AdmitResult, est_tokens: int) -> None:
         status = res.status
         if res.key is not None:
             self._remember(h, res.key)
@@ -349,6 +357,8 @@ class AccessPlugin(Plugin):
             return
         scope = res.scope or "key"
         self.rejections.labels(status, scope).inc()
+        if res.key is not None and status in ("model_not_allowed", "rate_limited", "over_budget"):
+            ctx.state["access.refused"] = res.key  # a ledger record (cost 0) says it was refused
         if status in ("unknown_key", "revoked", "expired"):
             self.check_key(None if status == "unknown_key" else res.key, h)
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
@@ -362,6 +372,16 @@ class AccessPlugin(Plugin):
         if status == "rate_limited":
             wait = max(res.retry_after_s or 1.0, 0.001)
             kind = res.limit_kind or "requests"
+            if kind == "tokens" and res.tokens is not None and est_tokens > res.tokens.limit:
+                err = RateLimited(
+                    f"Request too large for {self._who(res, scope)}: it may use up to {est_tokens} "
+                    f"tokens (prompt estimate + max_tokens) but the limit is {res.tokens.limit} "
+                    "tokens per minute. Lower max_tokens or the prompt.",
+                    code="request_too_large",
+                    headers={**headers, "x-should-retry": "false"},
+                )
+                err.type = "tokens"
+                raise err
             err = RateLimited(
                 f"Rate limit reached for {self._who(res, scope)}: too many {kind} per minute. "
                 f"Try again in {wait:.3f}s.",
@@ -397,8 +417,11 @@ class AccessPlugin(Plugin):
 
     async def on_response(self, ctx: RequestContext) -> None:
         lease: _Lease | None = ctx.state.pop("access.lease", None)
-        unmetered: KeyRecord | None = ctx.state.pop("access.unmetered", None)
-        if lease is None and unmetered is None:
+        other: KeyRecord | None = ctx.state.pop("access.unmetered", None) or ctx.state.pop(
+            "access.refused", None
+        )
+        key = lease.key if lease else other
+        if key is None:
             return
         usage = ctx.usage
         cache = ctx.state.get("cache.status", "miss")
@@ -417,8 +440,6 @@ class AccessPlugin(Plugin):
         cost = price.cost_nano(prompt, completion, cached)
         if cache.startswith("hit"):
             cost = round(cost * self.budgets.cache_hit_cost_fraction)
-        key = lease.key if lease else unmetered
-        assert key is not None
         now = time.time()
         record = SpendRecord(
             ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
