@@ -1,39 +1,54 @@
-"""Turn load-run measurements into the benchmark's single markdown table."""
+"""Turn load-run measurements into the benchmark's markdown table and target summary."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bench.loadgen import RunResult
 
+DIRECT = "direct"
+CORE = "core"
+
 
 @dataclass(frozen=True)
 class Scenario:
-    """One workload, run once straight at the upstream and once through the gateway."""
+    """One workload, run straight at the upstream and then through each gateway variant."""
 
     name: str
     concurrency: int
     requests: int
     stream: bool
+    variants: tuple[str, ...] | None = None
+    """Gateway variants that run this scenario (None: all of them); `direct` always runs."""
 
     @property
     def warmup(self) -> int:
         return max(2 * self.concurrency, self.requests // 20)
 
+    def runs(self, variant: str) -> bool:
+        return variant == DIRECT or self.variants is None or variant in self.variants
+
 
 @dataclass
 class Row:
-    """One table row: a scenario against one target, with the process probes around it."""
+    """One table row: a scenario against one variant, with the process probes around it."""
 
     scenario: Scenario
-    target: str  # "direct" or "tollway"
+    variant: str  # "direct", "core", "embedded", "redis"
     result: RunResult
     upstream_cpu_s: float
     loadgen_cpu_s: float
     gateway_cpu_s: float | None = None
     gateway_rss_mb: float | None = None
+    store_cpu_s: float | None = None
+    """CPU of an out-of-process store (the redis-server) during the measured phase."""
+
+    def per_req_ms(self, cpu_s: float | None) -> float | None:
+        if cpu_s is None or self.result.requests <= 0:
+            return None
+        return cpu_s * 1000 / self.result.requests
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -76,18 +91,19 @@ def _f(v: float | None, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def _per_req_ms(cpu_s: float | None, requests: int) -> str:
-    if cpu_s is None or requests <= 0:
+def _ratio(v: float | None, base: float | None) -> str:
+    if v is None or base is None or math.isnan(v) or math.isnan(base) or base <= 0:
         return "-"
-    return f"{cpu_s * 1000 / requests:.3f}"
+    return f"{v / base:.2f}x"
 
 
 COLUMNS = [
     "scenario",
-    "target",
+    "variant",
     "reqs",
     "errors",
     "req/s",
+    "req/s vs core",
     "p50 ms",
     "p90 ms",
     "p99 ms",
@@ -98,6 +114,8 @@ COLUMNS = [
     "overhead TTFC p50 ms",
     "x-tollway-overhead-ms p50",
     "gateway CPU ms/req",
+    "gateway CPU vs core",
+    "redis CPU ms/req",
     "upstream CPU ms/req",
     "loadgen CPU ms/req",
     "gateway RSS MB",
@@ -105,38 +123,70 @@ COLUMNS = [
 
 
 def render_table(rows: Sequence[Row]) -> str:
-    """The markdown table: one row per scenario x target, overheads on the tollway rows."""
-    direct: dict[str, Stats] = {}
+    """The markdown table: one row per scenario x variant; overheads against `direct`, ratios
+    against `core` (the gateway with keys, limits and budgets off) of the same scenario."""
+    stats = {(r.scenario.name, r.variant): Stats.of(r.result) for r in rows}
+    core_cpu = {r.scenario.name: r.per_req_ms(r.gateway_cpu_s) for r in rows if r.variant == CORE}
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
     for row in rows:
-        s = Stats.of(row.result)
-        base = direct.get(row.scenario.name)
-        if row.target == "direct":
-            direct[row.scenario.name] = s
+        name = row.scenario.name
+        s = stats[(name, row.variant)]
+        base = stats.get((name, DIRECT)) if row.variant != DIRECT else None
+        core = stats.get((name, CORE)) if row.variant not in (DIRECT, CORE) else None
         stream = row.scenario.stream
-        over = row.target != "direct" and base is not None
+        cpu = row.per_req_ms(row.gateway_cpu_s)
         cells = [
-            row.scenario.name,
-            row.target,
+            name,
+            row.variant,
             str(row.result.requests),
             str(row.result.error_count),
             _f(s.rps, 0),
+            _ratio(s.rps, core.rps) if core else "-",
             _f(s.p50),
             _f(s.p90),
             _f(s.p99),
             _f(s.ttfc_p50) if stream else "-",
             _f(s.ttfc_p99) if stream else "-",
-            _f(s.p50 - base.p50) if over and base else "-",
-            _f(s.p99 - base.p99) if over and base else "-",
-            _f(s.ttfc_p50 - base.ttfc_p50) if over and base and stream else "-",
+            _f(s.p50 - base.p50) if base else "-",
+            _f(s.p99 - base.p99) if base else "-",
+            _f(s.ttfc_p50 - base.ttfc_p50) if base and stream else "-",
             _f(s.hdr_p50, 3),
-            _per_req_ms(row.gateway_cpu_s, row.result.requests),
-            _per_req_ms(row.upstream_cpu_s, row.result.requests),
-            _per_req_ms(row.loadgen_cpu_s, row.result.requests),
+            _f(cpu, 3),
+            _ratio(cpu, core_cpu.get(name)) if core else "-",
+            _f(row.per_req_ms(row.store_cpu_s), 3),
+            _f(row.per_req_ms(row.upstream_cpu_s), 3),
+            _f(row.per_req_ms(row.loadgen_cpu_s), 3),
             _f(row.gateway_rss_mb, 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def target_summary(rows: Sequence[Row], targets: Mapping[str, float]) -> list[str]:
+    """One line per variant with a CPU target: its gateway CPU per request in each
+    non-streaming scenario against the target, next to core's (streams are not judged)."""
+    core_cpu = {r.scenario.name: r.per_req_ms(r.gateway_cpu_s) for r in rows if r.variant == CORE}
+    out: list[str] = []
+    for variant, limit in targets.items():
+        parts: list[str] = []
+        missed = False
+        for r in rows:
+            cpu = r.per_req_ms(r.gateway_cpu_s)
+            if r.variant != variant or r.scenario.stream or cpu is None:
+                continue
+            core = core_cpu.get(r.scenario.name)
+            extra = f", core {core:.3f}, +{cpu - core:.3f}" if core is not None else ""
+            store = r.per_req_ms(r.store_cpu_s)
+            extra += f", +redis {store:.3f} = {cpu + store:.3f}" if store is not None else ""
+            parts.append(f"{r.scenario.name} {cpu:.3f}{extra}")
+            missed = missed or cpu > limit
+        if parts:
+            verdict = "MISSED" if missed else "met"
+            out.append(
+                f"target {variant} <= {limit:g} ms gateway CPU/request: {verdict} "
+                f"(ms/req: {'; '.join(parts)})"
+            )
+    return out

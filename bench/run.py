@@ -1,11 +1,19 @@
 """Tollway benchmark driver: ``python -m bench [--quick]``.
 
-Starts the fast fake upstream (``bench.fast_upstream``) and the gateway
-(``python -m gateway serve`` with a generated config) as child processes, then runs each
-scenario first straight at the upstream ("direct") and then through Tollway, with the
-closed-loop load generator (``bench.loadgen``) in this process. Prints one markdown table
-on stdout; progress and diagnostics go to stderr. Both children are stopped by PID at the
-end, also on Ctrl-C or error.
+Starts the fast fake upstream (``bench.fast_upstream``), a throwaway ``redis-server`` and one
+gateway process per variant (``python -m gateway serve`` with a generated config):
+
+* ``core``: ``auth: {mode: none}``, no keys, limits or budgets (the gateway's own cost);
+* ``embedded``: keys + RPM/TPM limits + budgets on the embedded (SQLite) store;
+* ``redis``: the same on the Redis store.
+
+For the access variants the bench creates a team and a key with budgets and limits through
+the admin API, large enough never to refuse, so every request goes through the admission
+(auth + limits + reservation), settle and ledger path. Each scenario then runs straight at
+the upstream ("direct") and through each variant in turn, with the closed-loop load
+generator (``bench.loadgen``) in this process. Prints one markdown table on stdout;
+progress and diagnostics go to stderr. Every child is stopped by PID at the end, also on
+Ctrl-C or error.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import uvloop
@@ -36,11 +46,12 @@ import yaml
 
 from bench import procs
 from bench.loadgen import build_request, run_load
-from bench.report import Row, Scenario, render_table
+from bench.report import CORE, DIRECT, Row, Scenario, render_table, target_summary
+from gateway.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-CLIENT_KEY = "sk-tw-bench-0123456789abcdef"
+ADMIN_KEY = "sk-tw-bench-admin-0123456789abcdef"
 UPSTREAM_KEY = "sk-upstream-bench-0123456789"
 CHAT_PATH = "/v1/chat/completions"
 BODY = (
@@ -48,6 +59,28 @@ BODY = (
     b'"max_tokens":32}'
 )
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
+PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.6}
+BIG = 10**9  # RPM and TPM limits that are checked and counted but never reached
+BUDGET = {"limit_usd": 1e6, "period": "monthly"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A gateway configuration under test."""
+
+    name: str
+    access: bool
+    """Keys, RPM/TPM limits and budgets on (`auth.mode: keys`), or off (`none`)."""
+    backend: Literal["embedded", "redis"]
+    target_ms: float | None = None
+    """Issue 3's target for gateway CPU per request (non-streaming)."""
+
+
+VARIANTS = [
+    Variant(CORE, access=False, backend="embedded"),
+    Variant("embedded", access=True, backend="embedded", target_ms=0.6),
+    Variant("redis", access=True, backend="redis", target_ms=1.0),
+]
 
 FULL = [
     Scenario("chat c=1", 1, 2000, False),
@@ -61,6 +94,22 @@ QUICK = [
     Scenario("chat c=64", 64, 1000, False),
     Scenario("stream c=16", 16, 80, True),
 ]
+
+
+@dataclass
+class Target:
+    """Something the load generator sends to: the upstream itself or one gateway process."""
+
+    name: str
+    port: int
+    variant: Variant | None = None
+    gateway: procs.Child | None = None
+    key: str | None = None
+    key_id: str | None = None
+    store_pid: int | None = None
+    """The redis-server whose CPU is measured with this target."""
+    sent: int = 0
+    """Chat requests sent with the key (probes, warmups, measured): each must be billed."""
 
 
 def log(msg: str) -> None:
@@ -84,10 +133,22 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gateway_config(port: int, upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
+def gateway_config(
+    variant: Variant,
+    port: int,
+    upstream_port: int,
+    tmp: Path,
+    redis_url: str | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    store: dict[str, Any] = {"backend": "embedded", "path": str(tmp / f"{variant.name}.db")}
+    if variant.backend == "redis":
+        store = {"backend": "redis", "url": redis_url, "prefix": f"bench-{variant.name}:"}
     cfg: dict[str, Any] = {
         "server": {"host": HOST, "port": port},
-        "auth": {"mode": "keys", "keys": [{"key": "${TOLLWAY_BENCH_KEY}", "team": "bench"}]},
+        "auth": {"mode": "keys" if variant.access else "none"},
+        "admin": {"key": "${TOLLWAY_BENCH_ADMIN_KEY}"},
+        "store": store,
         "providers": {
             "up": {
                 "kind": "openai_compatible",
@@ -95,9 +156,43 @@ def gateway_config(port: int, upstream_port: int, extra: dict[str, Any]) -> dict
                 "api_key": "${TOLLWAY_BENCH_UPSTREAM_KEY}",
             }
         },
-        "models": {"bench-model": {"deployments": [{"provider": "up", "model": "upstream-model"}]}},
+        "models": {
+            "bench-model": {
+                "price": dict(PRICE),
+                "deployments": [{"provider": "up", "model": "upstream-model"}],
+            }
+        },
     }
     return _merge(cfg, extra)
+
+
+def admin(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API call (outside the measurement); the decoded JSON answer."""
+    data = orjson.dumps(body) if body is not None else None
+    req = urllib.request.Request(
+        f"http://{HOST}:{port}{path}",
+        data=data,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        method=method,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"admin {method} {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+
+
+def provision(t: Target) -> None:
+    """A team and a key with budgets and limits that are enforced but never reached."""
+    team = admin(
+        t.port, "POST", "/admin/teams",
+        {"id": "bench", "name": "bench", "budget": BUDGET, "rpm": BIG, "tpm": BIG},
+    )  # fmt: skip
+    key = admin(
+        t.port, "POST", "/admin/keys",
+        {"team_id": team["id"], "name": "bench", "budget": BUDGET, "rpm": BIG, "tpm": BIG},
+    )  # fmt: skip
+    t.key, t.key_id = key["key"], key["id"]
 
 
 Probe = tuple[int, dict[str, str], bytes]
@@ -118,10 +213,12 @@ def probe(port: int, body: bytes, key: str | None) -> Probe:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def check_target(name: str, port: int, key: str | None, notes: list[str]) -> bool:
+def check_target(t: Target, notes: list[str]) -> bool:
     """Send one plain and one streaming request and say clearly what is wrong, if anything."""
     ok = True
-    status, headers, body = probe(port, BODY, key)
+    name, gw = t.name, t.gateway is not None
+    status, headers, body = probe(t.port, BODY, t.key)
+    t.sent += 1
     if status != 200:
         log(f"[{name}] non-streaming probe: HTTP {status}: {body[:500]!r}")
         return False
@@ -132,20 +229,24 @@ def check_target(name: str, port: int, key: str | None, notes: list[str]) -> boo
     except (ValueError, AttributeError) as e:
         log(f"[{name}] non-streaming probe: bad body ({e}): {body[:500]!r}")
         ok = False
-    if name == "tollway":
+    if gw:
         if "x-tollway-overhead-ms" not in headers:
-            notes.append("tollway: response has no x-tollway-overhead-ms header")
+            notes.append(f"{name}: response has no x-tollway-overhead-ms header")
         if not isinstance(obj, dict) or not obj.get("usage"):
-            notes.append("tollway: non-streaming response has no usage")
-    status, headers, body = probe(port, STREAM_BODY, key)
+            notes.append(f"{name}: non-streaming response has no usage")
+        limited = "x-ratelimit-limit-requests" in headers
+        if t.variant is not None and t.variant.access and not limited:
+            notes.append(f"{name}: no x-ratelimit-* headers: are the key's limits checked?")
+    status, headers, body = probe(t.port, STREAM_BODY, t.key)
+    t.sent += 1
     events = [ln for ln in body.split(b"\n") if ln.startswith(b"data:")]
     if status != 200 or not events or events[-1].strip() != b"data: [DONE]":
         log(f"[{name}] streaming probe: HTTP {status}, {len(events)} events: {body[:500]!r}")
         ok = False
-    elif name == "tollway":
+    elif gw:
         ctype = headers.get("content-type", "")
         if not ctype.startswith("text/event-stream"):
-            notes.append(f"tollway: streaming content-type is {ctype!r}")
+            notes.append(f"{name}: streaming content-type is {ctype!r}")
         log(f"[{name}] streaming probe: {len(events)} data events (direct sends 21)")
     return ok
 
@@ -154,24 +255,27 @@ def _cpu_or_none(child: procs.Child | None) -> procs.CpuSample | None:
     return procs.tree_cpu(child.pid) if child is not None and child.alive() else None
 
 
-async def measure(
-    scenario: Scenario,
-    target: str,
-    port: int,
-    key: str | None,
-    upstream: procs.Child,
-    gateway: procs.Child | None,
-) -> Row:
+def _pid_cpu(pid: int | None) -> procs.CpuSample | None:
+    if pid is None or not Path(f"/proc/{pid}").exists():
+        return None
+    return procs.tree_cpu(pid)
+
+
+def _diff(after: procs.CpuSample | None, before: procs.CpuSample | None) -> float | None:
+    return after - before if after is not None and before is not None else None
+
+
+async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
     """Warm up, then run the scenario's bounded request count with CPU probes around it."""
     body = STREAM_BODY if scenario.stream else BODY
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    request = build_request("POST", HOST, port, CHAT_PATH, body, headers)
+    if t.key:
+        headers["Authorization"] = f"Bearer {t.key}"
+    request = build_request("POST", HOST, t.port, CHAT_PATH, body, headers)
     timeout_s = 30.0
     warm = await run_load(
         HOST,
-        port,
+        t.port,
         request,
         total=scenario.warmup,
         concurrency=scenario.concurrency,
@@ -181,7 +285,8 @@ async def measure(
     if warm.error_count:
         log(f"  warmup errors: {dict(warm.errors)}")
     await asyncio.sleep(0.2)  # let the other processes settle before the probes
-    gw0 = _cpu_or_none(gateway)
+    gw0 = _cpu_or_none(t.gateway)
+    st0 = _pid_cpu(t.store_pid)
     up0 = procs.tree_cpu(upstream.pid)
     gc.collect()
     gc.disable()  # no collector pauses in the load generator while measuring
@@ -189,7 +294,7 @@ async def measure(
         lg0 = procs.self_cpu_s()
         result = await run_load(
             HOST,
-            port,
+            t.port,
             request,
             total=scenario.requests,
             concurrency=scenario.concurrency,
@@ -200,45 +305,74 @@ async def measure(
     finally:
         gc.enable()
     up1 = procs.tree_cpu(upstream.pid)
-    gw1 = _cpu_or_none(gateway)
+    st1 = _pid_cpu(t.store_pid)
+    gw1 = _cpu_or_none(t.gateway)
+    t.sent += warm.requests + result.requests
     row = Row(
         scenario=scenario,
-        target=target,
+        variant=t.name,
         result=result,
         upstream_cpu_s=up1 - up0,
         loadgen_cpu_s=lg1 - lg0,
+        store_cpu_s=_diff(st1, st0),
     )
-    if gateway is not None:
-        row.gateway_cpu_s = gw1 - gw0 if gw0 is not None and gw1 is not None else None
-        row.gateway_rss_mb = procs.tree_rss_mb(gateway.pid) if gateway.alive() else None
+    if t.gateway is not None:
+        row.gateway_cpu_s = _diff(gw1, gw0)
+        row.gateway_rss_mb = procs.tree_rss_mb(t.gateway.pid) if t.gateway.alive() else None
+    cpu = row.per_req_ms(row.gateway_cpu_s)
     log(
-        f"  {scenario.name:<12} {target:<8} {result.rps:8.0f} req/s, "
-        f"errors {result.error_count}" + (f" {dict(result.errors)}" if result.errors else "")
+        f"  {scenario.name:<12} {t.name:<8} {result.rps:8.0f} req/s, "
+        + (f"gateway CPU {cpu:.3f} ms/req, " if cpu is not None else "")
+        + f"errors {result.error_count}"
+        + (f" {dict(result.errors)}" if result.errors else "")
     )
     return row
 
 
 async def run_all(
-    scenarios: list[Scenario],
-    upstream: procs.Child,
-    upstream_port: int,
-    gateway: procs.Child | None,
-    gateway_port: int,
-    notes: list[str],
+    scenarios: list[Scenario], upstream: procs.Child, targets: list[Target], notes: list[str]
 ) -> list[Row]:
     rows: list[Row] = []
+    gone: set[str] = set()
     for sc in scenarios:
         log(f"scenario {sc.name} ({sc.requests} requests, {sc.warmup} warmup)")
-        rows.append(await measure(sc, "direct", upstream_port, None, upstream, None))
-        if gateway is None:
-            continue
-        if not gateway.alive():
-            notes.append(f"gateway exited (code {gateway.proc.returncode}) before {sc.name}")
-            log(f"gateway is gone (exit code {gateway.proc.returncode}):\n{gateway.log_tail()}")
-            gateway = None
-            continue
-        rows.append(await measure(sc, "tollway", gateway_port, CLIENT_KEY, upstream, gateway))
+        for t in targets:
+            if t.name in gone or not sc.runs(t.name):
+                continue
+            if t.gateway is not None and not t.gateway.alive():
+                code = t.gateway.proc.returncode
+                notes.append(f"gateway {t.name} exited (code {code}) before {sc.name}")
+                log(f"gateway {t.name} is gone (exit code {code}):\n{t.gateway.log_tail()}")
+                gone.add(t.name)
+                continue
+            rows.append(await measure(sc, t, upstream))
     return rows
+
+
+def check_billing(t: Target, notes: list[str], wait_s: float = 6.0) -> None:
+    """After the run: every request sent with the key is settled (nothing left reserved) and in
+    the spend ledger. Shows the access variants really went through reserve, settle, ledger.
+    The ledger is written in the background (0.5 s and 1 s loops), so poll for a while."""
+    if t.key_id is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            b = admin(t.port, "GET", f"/admin/keys/{t.key_id}/budget")
+            spend = admin(t.port, "GET", "/admin/spend?group_by=key")
+        except (RuntimeError, OSError) as e:
+            notes.append(f"{t.name}: could not read the key's budget or spend: {e}")
+            return
+        billed = sum(r["requests"] for r in spend["rows"] if r.get("key_id") == t.key_id)
+        ok = billed == t.sent and b["reserved_usd"] == 0 and b["spent_usd"] > 0
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    notes.append(
+        f"{t.name}: {'ok' if ok else 'MISMATCH'}: {t.sent} requests sent with the key, "
+        f"{billed} in the spend ledger, key spent ${b['spent_usd']:.6f}, "
+        f"reserved ${b['reserved_usd']:.6f}"
+    )
 
 
 def _scan_log(child: procs.Child, notes: list[str]) -> None:
@@ -256,21 +390,89 @@ def _scan_log(child: procs.Child, notes: list[str]) -> None:
             counts["WARNING lines"] += 1
     if counts:
         summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-        notes.append(f"gateway log: {summary} (see {child.log_path})")
+        notes.append(f"{child.name} log: {summary} (see {child.log_path})")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _variants(arg: str) -> list[Variant]:
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    known = {v.name: v for v in VARIANTS}
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
+        )
+    return [v for v in VARIANTS if v.name in names]
+
+
+def start_gateways(
+    variants: list[Variant],
+    upstream_port: int,
+    tmp: Path,
+    redis: RedisServer | None,
+    extra: dict[str, Any],
+    notes: list[str],
+    children: list[procs.Child],
+) -> tuple[list[Target], list[str]]:
+    """Start every variant's gateway at once, then wait for each, probe it and give it a key.
+    Returns the usable targets and the names of the variants that could not be measured;
+    every started process is added to `children` at once (the caller stops them)."""
+    env = dict(os.environ)
+    env["TOLLWAY_BENCH_ADMIN_KEY"] = ADMIN_KEY
+    env["TOLLWAY_BENCH_UPSTREAM_KEY"] = UPSTREAM_KEY
+    started: list[Target] = []
+    failed: list[str] = []
+    for v in variants:
+        if v.backend == "redis" and (redis is None or redis.pid is None):
+            failed.append(v.name)
+            continue
+        port = free_port()
+        cfg_path = tmp / f"tollway-{v.name}.yaml"
+        redis_url = redis.url if redis is not None else None
+        cfg = gateway_config(v, port, upstream_port, tmp, redis_url, extra)
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        child = procs.start_gateway(ROOT, cfg_path, env, tmp / f"gateway-{v.name}.log")
+        child.name = f"gateway {v.name}"
+        children.append(child)
+        store_pid = redis.pid if v.backend == "redis" and redis is not None else None
+        started.append(Target(v.name, port, v, child, store_pid=store_pid))
+        log(f"gateway {v.name}: pid {child.pid} on port {port}, config {cfg_path}")
+    usable: list[Target] = []
+    for t in started:
+        assert t.gateway is not None and t.variant is not None
+        try:
+            procs.wait_ready(t.gateway, f"http://{HOST}:{t.port}/ready", 20.0)
+            if t.variant.access:
+                provision(t)
+            if not check_target(t, notes):
+                raise RuntimeError("the gateway failed its probe requests")
+            usable.append(t)
+        except (RuntimeError, OSError) as e:
+            log(f"gateway {t.name} unusable, not measured: {e}")
+            lines = str(e).splitlines()
+            notes.append(f"gateway {t.name} not measured: " + "\n  ".join(lines[:1] + lines[1:][-6:]))
+            t.gateway.stop()
+            failed.append(t.name)
+    return usable, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="about 10x fewer requests")
     parser.add_argument(
-        "--config-extra", type=Path, help="YAML deep-merged into the generated gateway config"
+        "--config-extra", type=Path, help="YAML deep-merged into every generated gateway config"
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply all request counts")
-    parser.add_argument("--direct-only", action="store_true", help="do not start the gateway")
+    parser.add_argument(
+        "--variants",
+        type=_variants,
+        default=VARIANTS,
+        help="comma-separated gateway variants to run (default: core,embedded,redis)",
+    )
+    parser.add_argument("--direct-only", action="store_true", help="do not start any gateway")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
     args = parser.parse_args(argv)
     extra: dict[str, Any] = {}
@@ -279,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(loaded, dict):
             parser.error("--config-extra must hold a YAML mapping")
         extra = loaded
+    variants: list[Variant] = [] if args.direct_only else args.variants
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if not 0 < args.scale <= 100:
@@ -291,69 +494,77 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.keep_logs
     notes: list[str] = []
     upstream: procs.Child | None = None
-    gateway: procs.Child | None = None
+    redis: RedisServer | None = None
+    children: list[procs.Child] = []
+    t_start = time.monotonic()
     try:
         upstream, upstream_port = procs.start_upstream(ROOT, tmp / "upstream.log")
         log(f"fake upstream pid {upstream.pid} on port {upstream_port}")
-        if not check_target("direct", upstream_port, None, notes):
+        direct = Target(DIRECT, upstream_port)
+        if not check_target(direct, notes):
             log("the fake upstream failed its probe; giving up")
             keep = True
             return 1
-        gateway_port = 0
-        if not args.direct_only:
-            gateway_port = free_port()
-            cfg_path = tmp / "tollway-bench.yaml"
-            cfg_path.write_text(
-                yaml.safe_dump(gateway_config(gateway_port, upstream_port, extra), sort_keys=False)
-            )
-            env = dict(os.environ)
-            env["TOLLWAY_BENCH_KEY"] = CLIENT_KEY
-            env["TOLLWAY_BENCH_UPSTREAM_KEY"] = UPSTREAM_KEY
-            gateway = procs.start_gateway(ROOT, cfg_path, env, tmp / "gateway.log")
-            log(f"gateway pid {gateway.pid} on port {gateway_port}, config {cfg_path}")
+        if any(v.backend == "redis" for v in variants):
+            (tmp / "redis").mkdir()
             try:
-                procs.wait_ready(gateway, f"http://{HOST}:{gateway_port}/ready", 20.0)
-                if not check_target("tollway", gateway_port, CLIENT_KEY, notes):
-                    raise RuntimeError("the gateway failed its probe requests")
-            except RuntimeError as e:
-                log(f"gateway unusable, measuring direct only: {e}")
-                lines = str(e).splitlines()
-                notes.append("gateway not measured: " + "\n  ".join(lines[:1] + lines[1:][-6:]))
-                gateway.stop()
+                redis = RedisServer(directory=tmp / "redis").start()
+                log(f"redis-server pid {redis.pid} on port {redis.port}")
+            except (RuntimeError, OSError) as e:
+                notes.append(f"redis variant not measured: {e}")
+                log(f"redis-server did not start: {e}")
+                redis = None
+        gateways, failed = start_gateways(variants, upstream_port, tmp, redis, extra, notes, children)
+        rows = uvloop.run(run_all(scenarios, upstream, [direct, *gateways], notes))
+        for t in gateways:
+            assert t.gateway is not None
+            if not t.gateway.alive():
+                if not any(n.startswith(f"gateway {t.name} exited") for n in notes):
+                    notes.append(
+                        f"gateway {t.name} exited with code {t.gateway.proc.returncode} during the run"
+                    )
+                failed.append(t.name)
                 keep = True
-                gateway = None
-        rows = uvloop.run(run_all(scenarios, upstream, upstream_port, gateway, gateway_port, notes))
-        if gateway is not None:
-            if not gateway.alive() and not any(n.startswith("gateway exited") for n in notes):
-                notes.append(f"gateway exited with code {gateway.proc.returncode} during the run")
-                keep = True
-            _scan_log(gateway, notes)
+                continue
+            check_billing(t, notes)
+        for t in gateways:
+            assert t.gateway is not None
+            _scan_log(t.gateway, notes)
         errors = sum(r.result.error_count for r in rows)
         print(
             f"Tollway bench {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
             f"{' (quick)' if args.quick else ''}"
             f"{f' (scale {args.scale:g})' if args.scale != 1 else ''}"
-            "; latencies in ms, CPU per request in ms\n"
+            f", {time.monotonic() - t_start:.0f} s"
+            "; latencies in ms, CPU per request in ms; variants: core = keys/limits/budgets off, "
+            "embedded / redis = keys + RPM/TPM limits + key and team budgets on that store\n"
         )
         print(render_table(rows))
+        print()
+        targets_ms = {v.name: v.target_ms for v in variants if v.target_ms is not None}
+        for line in target_summary(rows, targets_ms):
+            print(f"- {line}")
         for r in rows:
             if r.result.errors:
-                print(f"\n- {r.scenario.name} / {r.target} errors: {dict(r.result.errors)}")
+                print(f"- {r.scenario.name} / {r.variant} errors: {dict(r.result.errors)}")
         for n in notes:
-            print(f"\n- note: {n}")
-        if errors:
+            print(f"- note: {n}")
+        if errors or failed:
             keep = True
-        gateway_failed = not args.direct_only and (gateway is None or not gateway.alive())
-        return 1 if errors or gateway_failed else 0
+        return 1 if errors or failed or any("MISMATCH" in n for n in notes) else 0
     except KeyboardInterrupt:
         log("interrupted")
         return 130
     finally:
-        for child in (gateway, upstream):
+        for child in [*reversed(children), upstream]:
             if child is not None:
                 code = child.stop()
                 log(f"stopped {child.name} (pid {child.pid}, exit code {code})")
+        if redis is not None:
+            pid = redis.pid
+            redis.stop()  # by its PID: SIGTERM, then SIGKILL after 5 s
+            log(f"stopped redis-server (pid {pid})")
         if keep:
             log(f"logs kept in {tmp}")
         else:
