@@ -223,13 +223,15 @@ return redis.call('HGET', P .. 'keys', kid)
 """
 
 LEDGER = r"""
--- ARGV: 1 prefix, 2 stream maxlen, 3 aggregate TTL (s), 4.. one JSON record each:
+-- ARGV: 1 prefix, 2 stream maxlen, 3 aggregate TTL (s), 4 batch id, 5.. one JSON record each:
 -- {"day","team","key","model","p","c","cost", ...}; the JSON goes into the stream as is.
+-- A batch id already seen (a retry after a lost reply) writes nothing: exactly once.
 local P = ARGV[1]
 local maxlen = ARGV[2]
 local ttl = ARGV[3]
+if not redis.call('SET', P .. 'lb:' .. ARGV[4], '1', 'NX', 'EX', 172800) then return 0 end
 local seen = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local r = cjson.decode(ARGV[i])
   redis.call('XADD', P .. 'ledger', 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
   local agg = P .. 'agg:' .. r.day
@@ -241,5 +243,5 @@ for i = 4, #ARGV do
   seen[agg] = true
 end
 for agg, _ in pairs(seen) do redis.call('EXPIRE', agg, ttl) end
-return #ARGV - 3
+return #ARGV - 4
 """

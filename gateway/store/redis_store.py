@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import orjson
@@ -103,7 +104,11 @@ class RedisStore:
         self._key_by_hash: AsyncScript | None = None
         self._ledger_script: AsyncScript | None = None
         self._queue: list[tuple[Settlement | None, SpendRecord]] = []
+        self._batch: tuple[str, list[tuple[Settlement | None, SpendRecord]]] | None = None
+        """The batch being written; kept (same id) until Redis confirmed it, so a retry after a
+        lost reply is recognised and not applied twice."""
         self._wake = asyncio.Event()
+        self._stopping = False
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
@@ -133,13 +138,16 @@ class RedisStore:
         self._key_by_hash = self._r.register_script(redis_lua.KEY_BY_HASH)
         self._ledger_script = self._r.register_script(redis_lua.LEDGER)
         self._wake = asyncio.Event()
+        self._stopping = False
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         if not await self.ping():
             log.warning("redis at %s is not reachable yet; the store will keep trying", self._url)
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
+            # No cancel: the flusher finishes the batch it is writing, then stops.
+            self._stopping = True
+            self._wake.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         if self._r is not None:
@@ -156,25 +164,30 @@ class RedisStore:
 
     def submit(self, settlement: Settlement | None, record: SpendRecord) -> None:
         self._queue.append((settlement, record))
-        if len(self._queue) >= _BATCH:
+        n = len(self._queue)
+        if n >= _BATCH:
             self._wake.set()
+            if n > _MAX_QUEUE:
+                del self._queue[: n - _MAX_QUEUE]
+                log.error("redis unavailable: dropped %d oldest spend records", n - _MAX_QUEUE)
 
     async def drain(self) -> None:
         await self._drain_all()
 
     async def _drain_all(self) -> None:
-        while self._queue:
+        while self._queue or self._batch is not None:
             await self._flush_batch()
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), _FLUSH_EVERY_S)
+                async with asyncio.timeout(_FLUSH_EVERY_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
             try:
-                while self._queue:
+                while (self._queue or self._batch is not None) and not self._stopping:
                     await self._flush_batch()
             except StoreUnavailable as e:
                 log.warning("redis unavailable; %d settlements/spend records queued: %s",
@@ -186,26 +199,22 @@ class RedisStore:
 
     async def _flush_batch(self) -> None:
         async with self._flush_lock:
-            batch = self._queue[:_BATCH]
-            if not batch:
-                return
-            del self._queue[: len(batch)]
-            try:
-                async with self._redis().pipeline(transaction=False) as pipe:
-                    for s, _ in batch:
-                        if s is not None:
-                            assert self._settle is not None
-                            await self._settle(args=self._settle_args(s), client=pipe)
-                    await self._ledger_call([r for _, r in batch], pipe)
-                    with _unavailable:
-                        await pipe.execute()
-            except BaseException:
-                self._queue[:0] = batch
-                if len(self._queue) > _MAX_QUEUE:
-                    dropped = len(self._queue) - _MAX_QUEUE
-                    del self._queue[:dropped]
-                    log.error("redis unavailable: dropped %d oldest spend records", dropped)
-                raise
+            if self._batch is None:
+                items = self._queue[:_BATCH]
+                if not items:
+                    return
+                del self._queue[: len(items)]
+                self._batch = (secrets.token_hex(12), items)
+            batch_id, items = self._batch
+            async with self._redis().pipeline(transaction=False) as pipe:
+                for s, _ in items:
+                    if s is not None:
+                        assert self._settle is not None
+                        await self._settle(args=self._settle_args(s), client=pipe)
+                await self._ledger_call([r for _, r in items], pipe, batch_id)
+                with _unavailable:
+                    await pipe.execute()
+            self._batch = None
 
     async def ping(self) -> bool:
         try:
@@ -337,11 +346,11 @@ class RedisStore:
         if not records:
             return
         with _unavailable:
-            await self._ledger_call(records, None)
+            await self._ledger_call(records, None, secrets.token_hex(12))
 
-    async def _ledger_call(self, records: list[SpendRecord], client: Any) -> Any:
+    async def _ledger_call(self, records: list[SpendRecord], client: Any, batch_id: str) -> Any:
         assert self._ledger_script is not None
-        args: list[EncodableT] = [self._p, _LEDGER_MAXLEN, _AGG_TTL_S]
+        args: list[EncodableT] = [self._p, _LEDGER_MAXLEN, _AGG_TTL_S, batch_id]
         for r in records:
             args.append(
                 orjson.dumps(

@@ -1,0 +1,286 @@
+"""The store failure policy, against a real redis-server stopped and started under a running
+gateway process.
+
+* Default (`budgets.on_store_failure: closed`): while Redis is down, billable requests get a
+  quick 503 `store_unavailable` with a clear message and `/ready` says the store is not ok
+  (503); when Redis is back on the same port the gateway serves again by itself.
+* `on_store_failure: open`: a key the gateway saw just before the outage keeps working,
+  unmetered; a key it has not seen (unknown, or only in Redis) cannot be checked and is refused.
+
+Redis runs with an append-only file here (`--appendonly yes --appendfsync always`) so that it
+comes back with the keys it had, as a production Redis would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.testing.fake_upstream import Behaviour, FakeUpstream
+from gateway.testing.harness import TestKeys, gateway_config
+from gateway.testing.processes import AdminClient, GatewayProcess
+from gateway.testing.redis_server import RedisServer
+
+PROMPT_TOKENS = 20
+COMPLETION_TOKENS = 30
+COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
+BODY: dict[str, Any] = {
+    "model": "gpt-test",
+    "messages": [{"role": "user", "content": "are you there?"}],
+    "max_tokens": 50,
+}
+MAX_ANSWER_S = 3.0
+"""A request while the store is down must be answered (refused or served) within this."""
+RECOVERY_TIMEOUT_S = 10.0
+
+
+def fixed_usage_reply() -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fixed",
+        "object": "chat.completion",
+        "created": 1_732_000_000,
+        "model": "upstream-chat-1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": COMPLETION_TOKENS,
+            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+        },
+    }
+
+
+def nano(usd: float) -> int:
+    return round(usd * 1_000_000_000)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real, durable redis-server of its own (these tests stop and start it)."""
+    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., GatewayProcess]]:
+    """`processes(config, name=...)` -> a GatewayProcess (not started), stopped by PID at the end.
+    Each process's log is printed at teardown (pytest shows it when the test failed)."""
+    made: list[GatewayProcess] = []
+
+    def make(config: dict[str, Any], **kw: Any) -> GatewayProcess:
+        gw = GatewayProcess(config, **kw)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.stop()
+        print(f"--- {gw.name} (exit {gw.returncode}) ---\n{gw.logs()}")
+        gw.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        yield s
+
+
+@pytest.fixture
+def upstream(fake: FakeUpstream) -> FakeUpstream:
+    fake.default = Behaviour(body=fixed_usage_reply())
+    return fake
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+async def chat(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any, float]:
+    """(status, body, seconds it took)."""
+    t0 = time.monotonic()
+    async with session.post(
+        url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        body = await r.json(content_type=None)
+        return r.status, body, time.monotonic() - t0
+
+
+async def ready(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url + "/ready") as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def start_gateway(
+    processes: Callable[..., GatewayProcess], fake: FakeUpstream, srv: RedisServer, **overrides: Any
+) -> GatewayProcess:
+    config = gateway_config(
+        fake.base_url,
+        store={"backend": "redis", "url": srv.url, "prefix": f"tw-{uuid.uuid4().hex[:8]}:"},
+        **overrides,
+    )
+    return await processes(config, name="gw-redis").astart()
+
+
+async def make_key(admin: AdminClient, name: str) -> dict[str, Any]:
+    team = await admin.create_team(name=f"team of {name}", budget={"limit_usd": 10.0})
+    return await admin.create_key(team_id=team["id"], name=name, budget={"limit_usd": 5.0})
+
+
+def assert_store_unavailable(status: int, body: Any, seconds: float) -> None:
+    assert seconds < MAX_ANSWER_S, f"took {seconds:.2f} s to answer while the store is down"
+    assert status == 503, (status, body)
+    err = body["error"]
+    assert err["code"] == "store_unavailable", err
+    msg = err["message"].lower()
+    assert "store" in msg and "unreachable" in msg, err
+
+
+async def wait_for_200(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any, float]:
+    """Retry a billable request (bounded) until it succeeds; return the last answer."""
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    while True:
+        status, body, took = await chat(session, url, key)
+        if status == 200 or time.monotonic() > deadline:
+            return status, body, took
+        await asyncio.sleep(0.1)
+
+
+# ---- fail closed (the default) -------------------------------------------------------------------
+
+
+async def test_redis_down_fails_closed_and_recovers_without_restart(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    processes: Callable[..., GatewayProcess],
+    session: aiohttp.ClientSession,
+    keys: TestKeys,
+) -> None:
+    gw = await start_gateway(processes, upstream, redis_server)
+    admin = AdminClient(session, gw.url, keys.admin)
+    used = await make_key(admin, "used before the outage")
+    unused = await make_key(admin, "not used before the outage")
+    status, body, _ = await chat(session, gw.url, used["key"])
+    assert status == 200, body
+    assert (await ready(session, gw.url))[0] == 200
+
+    await asyncio.to_thread(redis_server.stop)
+    for key in (used["key"], unused["key"], used["key"]):
+        assert_store_unavailable(*await chat(session, gw.url, key))
+    status, body = await ready(session, gw.url)
+    assert status == 503, body
+    assert body["plugins"]["store"]["ok"] is False, body
+    n_upstream = len(upstream.requests)
+    assert n_upstream == 1  # nothing was forwarded unchecked
+
+    await asyncio.to_thread(redis_server.start)  # same port, same data directory
+    status, body, _ = await wait_for_200(session, gw.url, used["key"])
+    assert status == 200, f"no recovery within {RECOVERY_TIMEOUT_S} s: {status} {body}"
+    status, body, _ = await chat(session, gw.url, unused["key"])
+    assert status == 200, body
+    status, body = await ready(session, gw.url)
+    assert status == 200 and body["plugins"]["store"]["ok"] is True, body
+    assert gw.running and gw.starts == 1  # the same process all along
+
+    # Only the requests that were served are charged.
+    b = await admin.wait_settled("keys", used["id"])
+    assert nano(b["spent_usd"]) == 2 * COST_NANO, b
+    b = await admin.wait_settled("keys", unused["id"])
+    assert nano(b["spent_usd"]) == COST_NANO, b
+
+
+async def test_admin_api_answers_503_while_redis_is_down(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    processes: Callable[..., GatewayProcess],
+    session: aiohttp.ClientSession,
+    keys: TestKeys,
+) -> None:
+    """Reads that need the store (a key's own budget, the admin API) fail as the store being
+    unavailable — a 503 with the OpenAI error shape — not as an internal error."""
+    gw = await start_gateway(processes, upstream, redis_server)
+    admin = AdminClient(session, gw.url, keys.admin)
+    key = await make_key(admin, "k")
+    status, body, _ = await chat(session, gw.url, key["key"])
+    assert status == 200, body
+
+    await asyncio.to_thread(redis_server.stop)
+    answers: dict[str, tuple[int, Any]] = {}
+    for path, headers in (
+        ("/v1/budget", {"Authorization": f"Bearer {key['key']}"}),
+        (f"/admin/keys/{key['id']}", admin.headers),
+        (f"/admin/keys/{key['id']}/budget", admin.headers),
+        ("/admin/spend", admin.headers),
+    ):
+        t0 = time.monotonic()
+        async with session.get(gw.url + path, headers=headers) as r:
+            answers[path] = (r.status, await r.json(content_type=None))
+        assert time.monotonic() - t0 < MAX_ANSWER_S, path
+    bad = {p: a for p, a in answers.items() if a[0] != 503}
+    assert not bad, f"expected 503 while the store is down, got: {bad}"
+    assert all(a[1]["error"]["code"] == "store_unavailable" for a in answers.values()), answers
+
+
+# ---- fail open -----------------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_open_for_keys_seen_recently(
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    processes: Callable[..., GatewayProcess],
+    session: aiohttp.ClientSession,
+    keys: TestKeys,
+) -> None:
+    gw = await start_gateway(
+        processes, upstream, redis_server, budgets={"on_store_failure": "open"}
+    )
+    admin = AdminClient(session, gw.url, keys.admin)
+    used = await make_key(admin, "used before the outage")
+    unused = await make_key(admin, "not used before the outage")
+    status, body, _ = await chat(session, gw.url, used["key"])
+    assert status == 200, body
+
+    await asyncio.to_thread(redis_server.stop)
+    outage_ok = 3
+    for _ in range(outage_ok):
+        status, body, took = await chat(session, gw.url, used["key"])
+        assert status == 200, body  # admitted unmetered
+        assert took < MAX_ANSWER_S
+    # A key this gateway has not seen cannot be checked: refused, never let through.
+    for k in ("sk-tw-" + uuid.uuid4().hex, unused["key"]):
+        status, body, took = await chat(session, gw.url, k)
+        assert status in (401, 503), (status, body)
+        assert took < MAX_ANSWER_S
+    status, body, _ = await chat(session, gw.url, unused["key"])
+    assert status == 503, (status, body)  # it exists: "unauthorized" would be a lie
+    assert body["error"]["code"] == "store_unavailable", body
+    status, body = await ready(session, gw.url)
+    assert body["plugins"]["store"]["ok"] is False, body
+
+    await asyncio.to_thread(redis_server.start)
+    status, body, _ = await wait_for_200(session, gw.url, unused["key"])
+    assert status == 200, f"no recovery within {RECOVERY_TIMEOUT_S} s: {status} {body}"
+    # Metered again: the requests served during the outage were not charged to the budget...
+    b = await admin.wait_settled("keys", used["id"])
+    assert nano(b["spent_usd"]) == COST_NANO, b
+    # ...but they are in the ledger once the store is back (one record per request served).
+    def served(answer: dict[str, Any]) -> int:
+        return sum(r["requests"] for r in answer["rows"] if r["key_id"] == used["id"])
+
+    ledger = await admin.wait_spend(
+        lambda a: served(a) >= 1 + outage_ok, group_by="key", team_id=used["team_id"]
+    )
+    assert served(ledger) == 1 + outage_ok, ledger
