@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -13,6 +13,7 @@ from helpers import StartGateway
 
 from gateway.testing.fake_upstream import FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config, install_test_env, running_gateway
+from gateway.testing.processes import GatewayProcess
 
 
 @pytest.fixture
@@ -66,3 +67,27 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 def auth(keys: TestKeys) -> dict[str, str]:
     """Headers authenticating team-a on raw requests."""
     return {"Authorization": f"Bearer {keys.team_a}"}
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., GatewayProcess]]:
+    """`processes(config, name=...)` -> a GatewayProcess (not started), stopped by PID at the end.
+    Each process's log is printed at teardown (pytest shows it when the test failed)."""
+    made: list[GatewayProcess] = []
+
+    def make(config: dict[str, Any], **kw: Any) -> GatewayProcess:
+        gw = GatewayProcess(config, **kw)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.stop()
+        print(f"--- {gw.name} (exit {gw.returncode}) ---\n{gw.logs()}")
+        gw.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        yield s

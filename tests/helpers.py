@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 StartGateway = Callable[..., Awaitable[str]]
 """`await start_gateway(**config_overrides)` -> the gateway URL."""
@@ -44,11 +48,7 @@ def sse_data_lines(raw: bytes) -> list[bytes]:
 
 # ---- issue 3: admin API, budgets, limits (used by test_admin/test_limits/test_alerts) ----------
 
-import asyncio  # noqa: E402
-import time  # noqa: E402
 
-import aiohttp  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from gateway.testing.fake_upstream import DEFAULT_REPLY, tokenize  # noqa: E402
 
@@ -143,3 +143,30 @@ def metric_value(text: str, sample_name: str, **labels: str) -> float:
             if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def fixed_usage_reply(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A chat.completion whose usage is exactly these numbers (for exact cost assertions)."""
+    return {
+        "id": "chatcmpl-fixed",
+        "object": "chat.completion",
+        "created": 1_732_000_000,
+        "model": "upstream-chat-1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def nano(usd: float) -> int:
+    return round(usd * 1_000_000_000)

@@ -20,12 +20,13 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+from helpers import fixed_usage_reply, nano
 
 from gateway.plugins.access import estimate_prompt_tokens
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
@@ -55,32 +56,6 @@ PACE_S = 0.001
 """`interleaved` bursts send one request to each gateway every PACE_S (300 requests in 0.15 s)."""
 
 
-def fixed_usage_reply(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-fixed",
-        "object": "chat.completion",
-        "created": 1_732_000_000,
-        "model": "upstream-chat-1",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
-def nano(usd: float) -> int:
-    return round(usd * 1_000_000_000)
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
@@ -89,31 +64,6 @@ def redis_server() -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port (a missing binary fails the tests)."""
     with RedisServer() as srv:
         yield srv
-
-
-@pytest.fixture
-def processes() -> Iterator[Callable[..., GatewayProcess]]:
-    """`processes(config, name=...)` -> a GatewayProcess (not started), stopped by PID at the end.
-    Each process's log is printed at teardown (pytest shows it when the test failed)."""
-    made: list[GatewayProcess] = []
-
-    def make(config: dict[str, Any], **kw: Any) -> GatewayProcess:
-        gw = GatewayProcess(config, **kw)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
-        print(f"--- {gw.name} (exit {gw.returncode}) ---\n{gw.logs()}")
-        gw.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from helpers import fixed_usage_reply, nano
 
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config
@@ -39,62 +40,12 @@ FLUSH_WAIT_S = 2.0
 flushes every 1 s, its default), plus whatever buffering happens before the store."""
 
 
-def fixed_usage_reply() -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-fixed",
-        "object": "chat.completion",
-        "created": 1_732_000_000,
-        "model": "upstream-chat-1",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": PROMPT_TOKENS,
-            "completion_tokens": COMPLETION_TOKENS,
-            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-        },
-    }
-
-
-def nano(usd: float) -> int:
-    return round(usd * 1_000_000_000)
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def processes() -> Iterator[Callable[..., GatewayProcess]]:
-    """`processes(config, name=...)` -> a GatewayProcess (not started), stopped by PID at the end.
-    Each process's log is printed at teardown (pytest shows it when the test failed)."""
-    made: list[GatewayProcess] = []
-
-    def make(config: dict[str, Any], **kw: Any) -> GatewayProcess:
-        gw = GatewayProcess(config, **kw)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
-        print(f"--- {gw.name} (exit {gw.returncode}) ---\n{gw.logs()}")
-        gw.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        yield s
-
-
-@pytest.fixture
 def upstream(fake: FakeUpstream) -> FakeUpstream:
-    fake.default = Behaviour(body=fixed_usage_reply())
+    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
     return fake
 
 
@@ -217,7 +168,7 @@ async def test_embedded_sigterm_during_requests_bills_every_answer(
     """SIGTERM while requests are at the upstream: the gateway lets them finish, and every
     request that was answered is in the spend and the ledger after the restart."""
     n = 20
-    fake.default = Behaviour(body=fixed_usage_reply(), delay_s=0.5)
+    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS), delay_s=0.5)
     gw = processes(gateway_config(fake.base_url), name="gw-embedded")
     await gw.astart()
     admin = AdminClient(session, gw.url, keys.admin)

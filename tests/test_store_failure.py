@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+from helpers import fixed_usage_reply, nano
 
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config
@@ -40,32 +41,6 @@ MAX_ANSWER_S = 3.0
 RECOVERY_TIMEOUT_S = 10.0
 
 
-def fixed_usage_reply() -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-fixed",
-        "object": "chat.completion",
-        "created": 1_732_000_000,
-        "model": "upstream-chat-1",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": PROMPT_TOKENS,
-            "completion_tokens": COMPLETION_TOKENS,
-            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-        },
-    }
-
-
-def nano(usd: float) -> int:
-    return round(usd * 1_000_000_000)
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
@@ -77,32 +52,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def processes() -> Iterator[Callable[..., GatewayProcess]]:
-    """`processes(config, name=...)` -> a GatewayProcess (not started), stopped by PID at the end.
-    Each process's log is printed at teardown (pytest shows it when the test failed)."""
-    made: list[GatewayProcess] = []
-
-    def make(config: dict[str, Any], **kw: Any) -> GatewayProcess:
-        gw = GatewayProcess(config, **kw)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
-        print(f"--- {gw.name} (exit {gw.returncode}) ---\n{gw.logs()}")
-        gw.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        yield s
-
-
-@pytest.fixture
 def upstream(fake: FakeUpstream) -> FakeUpstream:
-    fake.default = Behaviour(body=fixed_usage_reply())
+    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
     return fake
 
 

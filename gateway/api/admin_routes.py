@@ -42,6 +42,19 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
+def _patch(record: TeamRecord | KeyRecord, body: BaseModel) -> None:
+    """PATCH: only the fields the client sent change; `null` clears a budget, limit or list."""
+    for f in body.model_fields_set:
+        v = getattr(body, f)
+        if f == "budget":
+            v = v.spec() if v is not None else None
+        elif f == "metadata" and v is None:
+            v = {}
+        elif f == "name" and v is None:
+            continue
+        setattr(record, f, v)
+
+
 class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
@@ -150,15 +163,7 @@ class AdminRoutes:
         team = await self._team(request.match_info["id"])
         body = await self._body(request, m.TeamUpdate)
         self._check_models(body.allowed_models)
-        for f in body.model_fields_set:
-            v = getattr(body, f)
-            if f == "budget":
-                v = v.spec() if v is not None else None
-            if f == "metadata" and v is None:
-                v = {}
-            if f == "name" and v is None:
-                continue
-            setattr(team, f, v)
+        _patch(team, body)
         await self.store.put_team(team)
         return _json(m.team_out(team))
 
@@ -210,15 +215,7 @@ class AdminRoutes:
         key = await self._key(request.match_info["id"])
         body = await self._body(request, m.KeyUpdate)
         self._check_models(body.allowed_models)
-        for f in body.model_fields_set:
-            v = getattr(body, f)
-            if f == "budget":
-                v = v.spec() if v is not None else None
-            if f == "metadata" and v is None:
-                v = {}
-            if f == "name" and v is None:
-                v = ""
-            setattr(key, f, v)
+        _patch(key, body)
         await self.store.put_key(key)
         return _json(m.key_out(key, time.time()))
 
