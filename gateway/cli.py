@@ -12,6 +12,7 @@ import yaml
 
 from gateway import __version__, admin_cli
 from gateway.settings import ConfigError, Settings, load_settings, redacted
+from gateway.store.sqlite_journal import StoreLocked
 
 log = logging.getLogger("tollway")
 
@@ -97,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(settings.logging.level)
         try:
             serve(settings)
-        except ConfigError as e:
-            print(str(e), file=sys.stderr)
+        except (ConfigError, StoreLocked) as e:
+            print(f"tollway: {e}", file=sys.stderr)
             return 2
         return 0
     return 2  # pragma: no cover - argparse enforces the choices

@@ -7,9 +7,10 @@ overwrites what an earlier run of the process wrote.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gateway.store import codec
 from gateway.store.base import KeyRecord, SpendRecord, TeamRecord, period_bounds
@@ -34,15 +35,32 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, expires_at REAL);
 Loaded = tuple[list[TeamRecord], list[KeyRecord], dict[tuple[str, str], int], dict[str, float | None]]
 
 
+class StoreLocked(Exception):
+    """Another process holds this embedded store."""
+
+
 class SqliteJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._lock: IO[bytes] | None = None
 
     def open(self, since: float, now: float) -> Loaded:
         """Open (creating the directory and tables) and load teams, keys, the spend of periods
         that had not ended at `since`, and set_once flags still alive at `now`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One process per embedded store: a second one would keep its own counters and both
+        # would overwrite each other's spend. (Use the redis backend for several processes.)
+        lock = open(str(self.path) + ".lock", "wb")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StoreLocked(
+                f"the embedded store {self.path} is in use by another process; "
+                "run one process per embedded store, or use the redis backend"
+            ) from None
+        self._lock = lock
         conn = sqlite3.connect(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -67,6 +85,9 @@ class SqliteJournal:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

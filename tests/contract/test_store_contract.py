@@ -703,3 +703,20 @@ async def test_embedded_store_is_used_by_default(tmp_path: Path) -> None:
         await s.close()
     r = create_store(StoreSettings(backend="redis", url="redis://127.0.0.1:1/0", prefix="p:"))
     assert isinstance(r, RedisStore)
+
+
+async def test_embedded_store_is_one_process_only(tmp_path: Path) -> None:
+    from gateway.store.embedded import EmbeddedStore
+    from gateway.store.sqlite_journal import StoreLocked
+
+    first = EmbeddedStore(tmp_path / "one.db")
+    await first.start()
+    try:
+        second = EmbeddedStore(tmp_path / "one.db")
+        with pytest.raises(StoreLocked, match="in use by another process"):
+            await second.start()
+    finally:
+        await first.close()
+    again = EmbeddedStore(tmp_path / "one.db")  # released on close
+    await again.start()
+    await again.close()
