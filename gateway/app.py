@@ -29,6 +29,10 @@ from gateway.store import Store, create_store
 def build_provider(name: str, settings: ProviderSettings) -> Provider:
     if settings.kind == "mock":
         return MockProvider(name, settings.mock)
+    if settings.kind == "anthropic":
+        from gateway.providers.anthropic import AnthropicAdapter
+
+        return AnthropicAdapter(name, settings)
     return OpenAIAdapter(name, settings)
 
 

@@ -56,7 +56,7 @@ class MockSettings(Strict):
     embedding_dims: int = Field(16, ge=1, le=8192)
 
 
-ProviderKind = Literal["openai", "openai_compatible", "azure", "mock"]
+ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "mock"]
 
 
 class ProviderSettings(Strict):
@@ -74,20 +74,32 @@ class ProviderSettings(Strict):
     """False: ask the upstream for floats and encode base64 in the gateway."""
     # azure
     api_version: EnvStr | None = None
+    # anthropic
+    anthropic_version: str = "2023-06-01"
+    """Pinned: under 2026-10-21 Anthropic rejects temperature/top_p/top_k (wire-format §8.1)."""
+    default_max_tokens: int = Field(4096, ge=1)
+    """Anthropic requires max_tokens; used when the request has none."""
+    # provider-wide account quota, enforced across replicas (0: none)
+    rpm: int = Field(0, ge=0)
+    tpm: int = Field(0, ge=0)
+    max_queue_s: float = Field(2.0, ge=0)
+    """How long a request may wait for this provider's quota before failing over or failing."""
     # mock
     mock: MockSettings = Field(default_factory=MockSettings)
 
     @model_validator(mode="after")
     def _check_kind(self) -> ProviderSettings:
-        if self.kind in ("openai", "openai_compatible", "azure") and not self.api_base:
+        if self.kind in ("openai", "openai_compatible", "azure", "anthropic") and not self.api_base:
             if self.kind == "openai":
                 object.__setattr__(self, "api_base", "https://api.openai.com/v1")
+            elif self.kind == "anthropic":
+                object.__setattr__(self, "api_base", "https://api.anthropic.com")
             else:
                 raise ValueError(f"api_base is required for kind {self.kind}")
         if self.kind == "azure" and not self.api_version:
             raise ValueError("api_version is required for kind azure (e.g. 2024-10-21)")
-        if self.kind == "openai" and self.api_key is None:
-            raise ValueError("api_key is required for kind openai")
+        if self.kind in ("openai", "anthropic") and self.api_key is None:
+            raise ValueError(f"api_key is required for kind {self.kind}")
         if self.api_base is not None:
             object.__setattr__(self, "api_base", self.api_base.rstrip("/"))
         return self
@@ -98,6 +110,51 @@ class DeploymentSettings(Strict):
     model: str
     """The model name the upstream knows (for azure: the deployment name)."""
     weight: float = Field(1.0, gt=0)
+    rpm: int = Field(0, ge=0)
+    """Requests per minute this deployment may receive, across replicas (0: no limit)."""
+    tpm: int = Field(0, ge=0)
+    max_concurrency: int = Field(0, ge=0)
+    """In-flight requests per gateway process (0: no limit)."""
+    timeouts: Timeouts | None = None
+    """Overrides the provider's timeouts for this deployment."""
+
+
+FallbackOn = Literal["rate_limit", "server_error", "timeout", "unavailable", "context_length"]
+_DEFAULT_FALLBACK_ON: tuple[FallbackOn, ...] = ("rate_limit", "server_error", "timeout", "unavailable")
+
+
+class FallbackSettings(Strict):
+    model: str
+    on: list[FallbackOn] = Field(default_factory=lambda: list(_DEFAULT_FALLBACK_ON))
+    """Which failures of the model lead here: `context_length` sends too-long prompts to a
+    larger-context model; the others fire when every deployment failed or is open."""
+
+
+class RetrySettings(Strict):
+    max_attempts: int = Field(3, ge=1, le=20)
+    """Upstream attempts per request, across deployments and fallbacks."""
+    backoff_base_s: float = Field(0.1, gt=0)
+    backoff_max_s: float = Field(2.0, gt=0)
+    max_retry_after_s: float = Field(10.0, ge=0)
+    """A longer retry-after from the upstream makes the router fail over instead of waiting."""
+    deadline_s: float = Field(120.0, gt=0)
+    """Overall time for all attempts (streams: until their first byte)."""
+
+
+class BreakerSettings(Strict):
+    window_s: float = Field(30.0, gt=0)
+    min_requests: int = Field(10, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    consecutive_failures: int = Field(5, ge=1)
+    open_s: float = Field(15.0, gt=0)
+    """How long an open breaker rejects before letting one probe through."""
+
+
+class RoutingSettings(Strict):
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    ewma_alpha: float = Field(0.3, gt=0, le=1)
+    """Weight of the newest sample in the time-to-first-token average (lowest_latency)."""
 
 
 ApiEndpoint = Literal["chat", "completions", "embeddings"]
@@ -126,6 +183,10 @@ class ModelSettings(Strict):
     """None: looked up in genai-prices by the deployments' model names; startup fails if unknown."""
     max_output_tokens: int = Field(4096, ge=1)
     """Reservation cap when the client sends no max_tokens; then also sent upstream as max_tokens."""
+    strategy: Literal["weighted", "least_inflight", "lowest_latency"] = "weighted"
+    fallbacks: list[FallbackSettings] = Field(default_factory=list)
+    retry: RetrySettings | None = None
+    """Overrides routing.retry for this model."""
     endpoints: list[ApiEndpoint] = Field(default_factory=lambda: list(_ALL_ENDPOINTS))
 
 
@@ -220,6 +281,7 @@ class Settings(Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -239,6 +301,9 @@ class Settings(Strict):
                 "them with (say auth.mode: none to run open)"
             )
         for mname, m in self.models.items():
+            for i, f in enumerate(m.fallbacks):
+                if f.model not in self.models or f.model == mname:
+                    raise ValueError(f"models.{mname}.fallbacks.{i}.model: unknown model {f.model!r}")
             for i, d in enumerate(m.deployments):
                 if d.provider not in self.providers:
                     raise ValueError(
