@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> web.Application:
     store = create_store(settings.store)
     registry = CollectorRegistry(auto_describe=True)
     providers = {name: build_provider(name, p) for name, p in settings.providers.items()}
-    router = Router(settings.models, providers)
+    router = Router(settings, providers, store, registry)
     plugins = [
         p
         for ref in settings.plugins
@@ -99,6 +99,7 @@ def create_app(settings: Settings) -> web.Application:
         await store.start()
         for p in providers.values():
             await p.start()
+        await router.start()
         await pipeline.startup(app)
         openai_routes.bind()
         # Everything built so far lives as long as the process: keep it out of GC passes.
@@ -108,6 +109,7 @@ def create_app(settings: Settings) -> web.Application:
         yield
         app[READY]["stopping"] = True
         await pipeline.shutdown()
+        await router.close()
         for p in providers.values():
             await p.close()
         await store.close()

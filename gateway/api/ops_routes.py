@@ -30,8 +30,11 @@ async def ready(request: web.Request) -> web.Response:
         if h is not None:
             details[p.name] = h
             ok = ok and bool(h.get("ok", True))
+    router = app[ROUTER]
+    breakers = router.health()
     body = {
         "status": "ready" if ok else "not_ready",
+        "breakers": breakers,
         "models": len(app[ROUTER].routes),
         "stopping": bool(state.get("stopping")),
         "plugins": details,

@@ -48,6 +48,7 @@ from gateway.store.base import (
     period_bounds,
     period_id,
 )
+from gateway.wire.tokens import estimate_prompt_tokens, max_output_tokens
 
 log = logging.getLogger("tollway.access")
 
@@ -64,41 +65,6 @@ class BudgetExceeded(GatewayError):
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A deliberately generous estimate (about 3 characters a token) from the request body."""
-    chars = 0
-    items = 0
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        for m in msgs:
-            items += 1
-            if not isinstance(m, dict):
-                continue
-            c = m.get("content")
-            if isinstance(c, str):
-                chars += len(c)
-            elif isinstance(c, list):
-                for part in c:
-                    if isinstance(part, dict):
-                        t = part.get("text")
-                        chars += len(t) if isinstance(t, str) else 255 * 3  # an image: ~255 tokens
-            tc = m.get("tool_calls")
-            if tc:
-                chars += len(str(tc))
-        tools = body.get("tools")
-        if tools:
-            chars += len(str(tools))
-    else:
-        src = body.get("prompt", body.get("input"))
-        if isinstance(src, str):
-            chars, items = len(src), 1
-        elif isinstance(src, list):
-            for s in src:
-                items += 1
-                chars += len(s) if isinstance(s, str) else (len(s) * 3 if isinstance(s, list) else 3)
-    return chars // 3 + 4 * items + 3
 
 
 def client_key(headers: CIMultiDictProxy[str]) -> str | None:
@@ -277,10 +243,9 @@ class AccessPlugin(Plugin):
         assert body is not None
         if ctx.endpoint == "embeddings":
             return 0
-        for k in ("max_completion_tokens", "max_tokens"):
-            v = body.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                return v
+        given = max_output_tokens(body)
+        if given is not None:
+            return given
         cap = self.models[ctx.public_model or ""].max_output_tokens
         body["max_tokens"] = cap
         return cap
@@ -297,6 +262,7 @@ class AccessPlugin(Plugin):
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
         est_prompt = estimate_prompt_tokens(body)
         est_out = self._max_output(ctx) * choices
+        ctx.state["est_tokens"] = est_prompt + est_out  # the router's quotas reuse it
         self._lease_seq += 1
         lease_id = f"{self._lease_prefix}{self._lease_seq:x}"
         admission = Admission(
@@ -323,6 +289,9 @@ class AccessPlugin(Plugin):
             raise
         self._apply(ctx, h, res, admission.est_tokens)
         assert res.key is not None
+        allowed = [m for m in (res.key.allowed_models, res.team.allowed_models if res.team else None) if m]
+        if allowed:  # fallbacks must stay within what the key and its team may use
+            ctx.state["allowed_models"] = set(allowed[0]).intersection(*allowed[1:])
         ctx.state["access.lease"] = _Lease(lease_id, res.key, res.team, est_prompt,
                                           admission.est_tokens, price)
         return None
@@ -425,7 +394,11 @@ class AccessPlugin(Plugin):
             return
         usage = ctx.usage
         cache = ctx.state.get("cache.status", "miss")
-        price = lease.price if lease else self.prices[ctx.public_model or ""]
+        served = ctx.state.get("route.model")  # a fallback model is billed at its own price
+        if served:
+            price = self.prices[served]
+        else:
+            price = lease.price if lease else self.prices[ctx.public_model or ""]
         events = int(ctx.state.get("stream.events", 0))
         if usage is not None:
             prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens

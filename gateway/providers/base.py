@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.pipeline.context import Endpoint
+from gateway.settings import Timeouts
 
 
 @dataclass(slots=True)
@@ -19,6 +20,8 @@ class UpstreamRequest:
     upstream_model: str
     stream: bool
     request_id: str
+    timeouts: Timeouts | None = None
+    """Per-deployment timeouts overriding the provider's."""
 
 
 @dataclass(slots=True)

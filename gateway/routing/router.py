@@ -1,25 +1,66 @@
-"""Router: resolves a public model name and sends the call to one of its deployments."""
+"""Router: the one place that calls providers — picks deployments, retries, breaks circuits, falls back.
+
+For each request: resolve the public model, then try its deployments (skipping open breakers, full
+deployments and exhausted quotas), retrying retryable failures (429, 5xx, timeouts, connection
+errors — never 4xx) with full-jitter backoff or the upstream's retry-after, within an attempt
+budget and an overall deadline; when every deployment failed or is unavailable, go down the
+model's ordered fallbacks whose rules match the failure. A stream counts as answered at its
+first chunk: until then it can be retried or fall back; after it, nothing is retried.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
 from bisect import bisect_right
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any
 
-from gateway.errors import InvalidRequest, ModelNotFound
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
-from gateway.settings import ModelSettings
+from gateway.routing.breaker import BreakerBoard, CircuitBreaker
+from gateway.settings import FallbackSettings, ModelSettings, RetrySettings, Settings, Timeouts
+from gateway.store.base import Store, StoreUnavailable
+from gateway.wire.tokens import estimate_prompt_tokens, max_output_tokens
+
+log = logging.getLogger("tollway.router")
+
+_STATE_CODE = {"closed": 0, "half_open": 1, "open": 2}
+_SYNC_EVERY_S = 1.0
+_DEPLOYMENT_FAILURES = frozenset({"rate_limit", "server_error", "timeout", "unavailable", "stream_broken"})
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, eq=False)
 class Deployment:
     name: str
     provider: Provider
+    provider_name: str
     upstream_model: str
     weight: float
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    timeouts: Timeouts | None
+    provider_rpm: int
+    provider_tpm: int
+    max_queue_s: float
+    breaker: CircuitBreaker
+    in_flight: int = 0
+    ewma_ttft: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,34 +70,189 @@ class ModelRoute:
     endpoints: frozenset[str]
     owned_by: str
     created: int
-    cum_weights: tuple[float, ...]
+    strategy: str
+    fallbacks: tuple[FallbackSettings, ...]
+    retry: RetrySettings
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """Bookkeeping of one request's attempts across deployments and fallbacks."""
+
+    max: int
+    deadline: float
+    count: int = 0
+    last_error: GatewayError | None = None
+    tried: list[str] = field(default_factory=list)
+
+
+def failure_kind(e: GatewayError) -> str | None:
+    """The fallback category of a failure, or None when retrying cannot help (client errors)."""
+    if isinstance(e, UpstreamTimeout):
+        return "timeout"
+    if isinstance(e, UpstreamUnavailable):
+        return "unavailable"
+    if e.status == 429:
+        return "rate_limit"
+    if e.status >= 500:
+        return "server_error"
+    if e.status in (400, 413):
+        text = f"{e.code or ''} {e.message}".lower()
+        if "context_length" in text or "context length" in text or "maximum context" in text:
+            return "context_length"
+    return None
+
+
+def retry_after_s(e: GatewayError) -> float | None:
+    h = e.headers
+    try:
+        if "retry-after-ms" in h:
+            return float(h["retry-after-ms"]) / 1000
+        if "retry-after" in h:
+            return float(h["retry-after"])
+    except ValueError:
+        return None
+    return None
+
+
+class _RoutedStream:
+    """The chosen upstream stream, its first chunk already read; reports the outcome on close."""
+
+    __slots__ = ("_closed", "_dep", "_failed", "_first", "_router", "_stream")
+
+    def __init__(self, router: Router, dep: Deployment, stream: UpstreamStream, first: bytes) -> None:
+        self._router = router
+        self._dep = dep
+        self._stream = stream
+        self._first: bytes | None = first
+        self._failed = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        try:
+            return await self._stream.__anext__()
+        except GatewayError:
+            self._failed = True
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._dep.in_flight -= 1
+        self._router._outcome(self._dep, None if not self._failed else "stream_broken")
+        await self._stream.aclose()
 
 
 class Router:
-    """The only component that talks to providers. (Retries and fallbacks will live here.)"""
+    """Routes every upstream call. Only this class retries; adapters never do."""
 
-    def __init__(self, models: dict[str, ModelSettings], providers: dict[str, Provider]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: dict[str, Provider],
+        store: Store | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         created = int(time.time())
+        self.settings = settings
         self.providers = providers
+        self.store = store
+        routing = settings.routing
+        self._alpha = routing.ewma_alpha
+        names = [f"{d.provider}/{d.model}" for m in settings.models.values() for d in m.deployments]
+        self.breakers = BreakerBoard(routing.breaker, names)
+        self.deployments: dict[str, Deployment] = {}
         self.routes: dict[str, ModelRoute] = {}
-        for name, m in models.items():
-            deps = tuple(
-                Deployment(
-                    name=f"{d.provider}/{d.model}",
-                    provider=providers[d.provider],
-                    upstream_model=d.model,
-                    weight=d.weight,
+        for name, m in settings.models.items():
+            self.routes[name] = self._build_route(name, m, created)
+        reg = registry or CollectorRegistry()
+        self.attempts = Counter(
+            "tollway_upstream_attempts", "Upstream attempts by deployment and outcome",
+            ["deployment", "outcome"], registry=reg,
+        )
+        self.fallbacks = Counter(
+            "tollway_fallbacks", "Requests answered by a fallback model", ["model", "fallback"],
+            registry=reg,
+        )
+        self.breaker_state = Gauge(
+            "tollway_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
+            ["deployment"], registry=reg,
+        )
+        for d in self.deployments:
+            self.breaker_state.labels(d).set(0)
+        self._sync_task: asyncio.Task[None] | None = None
+
+    def _build_route(self, name: str, m: ModelSettings, created: int) -> ModelRoute:
+        deps: list[Deployment] = []
+        for d in m.deployments:
+            dname = f"{d.provider}/{d.model}"
+            p = self.settings.providers[d.provider]
+            dep = self.deployments.get(dname)
+            if dep is None:
+                dep = Deployment(
+                    name=dname, provider=self.providers[d.provider], provider_name=d.provider,
+                    upstream_model=d.model, weight=d.weight, rpm=d.rpm, tpm=d.tpm,
+                    max_concurrency=d.max_concurrency, timeouts=d.timeouts,
+                    provider_rpm=p.rpm, provider_tpm=p.tpm, max_queue_s=p.max_queue_s,
+                    breaker=self.breakers.get(dname),
                 )
-                for d in m.deployments
-            )
-            self.routes[name] = ModelRoute(
-                public_name=name,
-                deployments=deps,
-                endpoints=frozenset(m.endpoints),
-                owned_by=m.owned_by,
-                created=created,
-                cum_weights=tuple(accumulate(d.weight for d in deps)),
-            )
+                self.deployments[dname] = dep
+            deps.append(dep)
+        return ModelRoute(
+            public_name=name, deployments=tuple(deps), endpoints=frozenset(m.endpoints),
+            owned_by=m.owned_by, created=created, strategy=m.strategy,
+            fallbacks=tuple(m.fallbacks), retry=m.retry or self.settings.routing.retry,
+        )
+
+    # ---- lifecycle: breaker states shared through the store --------------------------------------
+
+    async def start(self) -> None:
+        if self.store is not None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def close(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+            self._sync_task = None
+
+    async def _sync_loop(self) -> None:
+        assert self.store is not None
+        names = list(self.deployments)
+        while True:
+            await asyncio.sleep(_SYNC_EVERY_S)
+            try:
+                remote = await self.store.breaker_states(names, time.time())
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("reading shared breaker states failed")
+                continue
+            for name in self.breakers.adopt(remote, time.monotonic(), time.time()):
+                log.warning("circuit breaker of %s opened by another replica", name)
+                self.breaker_state.labels(name).set(2)
+
+    def _publish_open(self, dep: Deployment) -> None:
+        if self.store is None:
+            return
+        until_unix = self.breakers.open_until_unix(dep.name, time.monotonic(), time.time())
+        if until_unix is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.store.breaker_publish(dep.name, until_unix))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def health(self) -> dict[str, Any]:
+        return self.breakers.snapshot()
+
+    # ---- resolving ----------------------------------------------------------------------------
 
     def resolve(self, model: str, endpoint: Endpoint) -> ModelRoute:
         route = self.routes.get(model)
@@ -73,31 +269,281 @@ class Router:
             )
         return route
 
-    def pick(self, route: ModelRoute) -> Deployment:
-        deps = route.deployments
-        if len(deps) == 1:
-            return deps[0]
-        x = random.random() * route.cum_weights[-1]
-        return deps[min(bisect_right(route.cum_weights, x), len(deps) - 1)]
+    # ---- choosing a deployment ----------------------------------------------------------------
+
+    def _pick(self, route: ModelRoute, exclude: set[str], now: float) -> Deployment | None:
+        while True:
+            cands = [
+                d
+                for d in route.deployments
+                if d.name not in exclude
+                and (d.max_concurrency == 0 or d.in_flight < d.max_concurrency)
+                and d.breaker.state_at(now) != "open"
+            ]
+            if not cands:
+                return None
+            dep = self._choose(route.strategy, cands)
+            if dep.breaker.allow(now):
+                self.breaker_state.labels(dep.name).set(_STATE_CODE.get(dep.breaker.state, 0))
+                return dep
+            exclude.add(dep.name)  # half-open and its one probe is already out
+
+    @staticmethod
+    def _choose(strategy: str, cands: list[Deployment]) -> Deployment:
+        if len(cands) == 1:
+            return cands[0]
+        if strategy == "least_inflight":
+            low = min(d.in_flight for d in cands)
+            return random.choice([d for d in cands if d.in_flight == low])
+        if strategy == "lowest_latency":
+            unexplored = [d for d in cands if d.ewma_ttft is None]
+            if unexplored:
+                return random.choice(unexplored)
+            return min(cands, key=lambda d: d.ewma_ttft or 0.0)
+        cum = list(accumulate(d.weight for d in cands))
+        return cands[min(bisect_right(cum, random.random() * cum[-1]), len(cands) - 1)]
+
+    async def _quota_wait(self, dep: Deployment, tokens: int) -> float:
+        """Seconds until this deployment's (and its provider's) quota has room; 0: counted now."""
+        store = self.store
+        if store is None:
+            return 0.0
+        now = time.time()
+        try:
+            if dep.rpm or dep.tpm:
+                wait = await store.rate_hit("deployment:" + dep.name, dep.rpm, dep.tpm, tokens, now)
+                if wait > 0:
+                    return wait
+            if dep.provider_rpm or dep.provider_tpm:
+                wait = await store.rate_hit(
+                    "provider:" + dep.provider_name, dep.provider_rpm, dep.provider_tpm, tokens, now
+                )
+                if wait > 0:
+                    return wait
+        except StoreUnavailable:
+            return 0.0  # quotas fail open: the provider's own limits still apply
+        return 0.0
+
+    # ---- calling ------------------------------------------------------------------------------
 
     def _request(self, ctx: RequestContext, dep: Deployment, stream: bool) -> UpstreamRequest:
         assert ctx.body is not None
-        ctx.provider = dep.provider.name
+        ctx.provider = dep.provider_name
         ctx.deployment = dep.name
         body = ctx.body
         body["model"] = dep.upstream_model
         return UpstreamRequest(
-            endpoint=ctx.endpoint,
-            body=body,
-            upstream_model=dep.upstream_model,
-            stream=stream,
-            request_id=ctx.request_id,
+            endpoint=ctx.endpoint, body=body, upstream_model=dep.upstream_model, stream=stream,
+            request_id=ctx.request_id, timeouts=dep.timeouts,
         )
 
+    def _outcome(self, dep: Deployment, kind: str | None) -> None:
+        before = dep.breaker.state
+        # A client error means the deployment answered: it counts as healthy.
+        opened = dep.breaker.record(kind not in _DEPLOYMENT_FAILURES, time.monotonic())
+        self.attempts.labels(dep.name, kind or "success").inc()
+        after = dep.breaker.state
+        if after != before:
+            self.breaker_state.labels(dep.name).set(_STATE_CODE.get(after, 0))
+            if after == "closed":
+                log.info("circuit breaker of %s closed", dep.name)
+        if opened:
+            log.warning("circuit breaker of %s opened", dep.name)
+            self._publish_open(dep)
+
+    def _ttft(self, dep: Deployment, seconds: float) -> None:
+        a = self._alpha
+        dep.ewma_ttft = seconds if dep.ewma_ttft is None else a * seconds + (1 - a) * dep.ewma_ttft
+
     async def complete(self, ctx: RequestContext, route: ModelRoute) -> Reply:
-        dep = self.pick(route)
-        return await dep.provider.complete(self._request(ctx, dep, False))
+        result = await self._route(ctx, route, stream=False)
+        assert isinstance(result, Reply)
+        return result
 
     async def open_stream(self, ctx: RequestContext, route: ModelRoute) -> UpstreamStream:
-        dep = self.pick(route)
-        return await dep.provider.open_stream(self._request(ctx, dep, True))
+        result = await self._route(ctx, route, stream=True)
+        assert not isinstance(result, Reply)
+        return result
+
+    async def _attempt(self, ctx: RequestContext, dep: Deployment, stream: bool) -> Reply | _RoutedStream:
+        req = self._request(ctx, dep, stream)
+        dep.in_flight += 1
+        t0 = time.monotonic()
+        if not stream:
+            try:
+                reply = await dep.provider.complete(req)
+            except asyncio.CancelledError:
+                dep.breaker.release_probe()  # the client left: nothing learnt about the deployment
+                raise
+            finally:
+                dep.in_flight -= 1
+            self._ttft(dep, time.monotonic() - t0)
+            self._outcome(dep, None)
+            return reply
+        try:
+            upstream = await dep.provider.open_stream(req)
+            try:
+                first = await upstream.__anext__()
+            except StopAsyncIteration:
+                await upstream.aclose()
+                raise UpstreamUnavailable(
+                    f"The upstream provider {dep.provider_name} closed the stream before sending "
+                    "anything."
+                ) from None
+            except BaseException:
+                await upstream.aclose()
+                raise
+        except asyncio.CancelledError:
+            dep.in_flight -= 1
+            dep.breaker.release_probe()
+            raise
+        except BaseException:
+            dep.in_flight -= 1
+            raise
+        self._ttft(dep, time.monotonic() - t0)
+        return _RoutedStream(self, dep, upstream, first)
+
+    async def _route(self, ctx: RequestContext, route: ModelRoute, stream: bool) -> Reply | _RoutedStream:
+        retry = route.retry
+        att = _Attempts(max=retry.max_attempts, deadline=time.monotonic() + retry.deadline_s)
+        body = ctx.body
+        assert body is not None
+        tokens = ctx.state.get("est_tokens")
+        if tokens is None:
+            tokens = estimate_prompt_tokens(body) + (max_output_tokens(body) or 0)
+        allowed: set[str] | None = ctx.state.get("allowed_models")
+        chain: list[ModelRoute] = [route]
+        seen = {route.public_name}
+        kind: str | None = None
+        i = 0
+        while i < len(chain):
+            current = chain[i]
+            i += 1
+            if current is not route:
+                if att.count >= att.max or time.monotonic() >= att.deadline:
+                    break
+                self.fallbacks.labels(route.public_name, current.public_name).inc()
+                log.info("request %s falls back from %s to %s", ctx.request_id, route.public_name,
+                         current.public_name)
+            try:
+                result = await self._try_model(ctx, current, stream, att, int(tokens))
+            except GatewayError as e:
+                kind = failure_kind(e)
+                if kind is None:
+                    raise  # a client error: no retry, no fallback
+                att.last_error = e
+                for fb in current.fallbacks:
+                    if kind in fb.on and fb.model not in seen and (allowed is None or fb.model in allowed):
+                        seen.add(fb.model)
+                        chain.append(self.routes[fb.model])
+                continue
+            self._headers(ctx, current, route, att)
+            return result
+        assert att.last_error is not None
+        self._headers(ctx, None, route, att)
+        raise att.last_error
+
+    def _headers(self, ctx: RequestContext, served: ModelRoute | None, asked: ModelRoute,
+                 att: _Attempts) -> None:
+        h = ctx.response_headers
+        if h is None:
+            h = ctx.response_headers = {}
+        if ctx.provider:
+            h["x-tollway-provider"] = ctx.provider
+            h["x-tollway-deployment"] = ctx.deployment or ""
+        h["x-tollway-attempts"] = str(att.count)
+        if served is not None and served is not asked:
+            h["x-tollway-fallback"] = served.public_name
+            ctx.state["route.model"] = served.public_name
+
+    async def _try_model(
+        self, ctx: RequestContext, route: ModelRoute, stream: bool, att: _Attempts, tokens: int
+    ) -> Reply | _RoutedStream:
+        """Attempts on one model's deployments until success, a client error, or exhaustion."""
+        retry = route.retry
+        exclude: set[str] = set()
+        failures_here = 0
+        last: GatewayError | None = None
+        while att.count < att.max:
+            now = time.monotonic()
+            if now >= att.deadline:
+                break
+            dep = self._pick(route, exclude, now)
+            if dep is None:
+                if failures_here and last is not None and exclude:
+                    # Every deployment failed once: back off, then give them another round.
+                    exclude.clear()
+                    delay = self._backoff(retry, failures_here, last)
+                    if delay is None or now + delay >= att.deadline:
+                        break
+                    await asyncio.sleep(delay)
+                    continue
+                break
+            wait = await self._quota_wait(dep, tokens)
+            if wait > 0:
+                exclude.add(dep.name)
+                dep.breaker.release_probe()  # it was not used: the next caller may probe
+                if wait <= dep.max_queue_s and now + wait < att.deadline and not self._others(
+                    route, exclude, now
+                ):
+                    await asyncio.sleep(wait)
+                    exclude.discard(dep.name)
+                elif last is None:
+                    last = RateLimited(
+                        f"The provider quota of {dep.provider_name} is exhausted; try again in "
+                        f"{wait:.1f}s.",
+                        code="provider_quota_exceeded",
+                        headers={"retry-after": str(max(1, round(wait)))},
+                    )
+                continue
+            att.count += 1
+            att.tried.append(dep.name)
+            try:
+                return await self._attempt(ctx, dep, stream)
+            except GatewayError as e:
+                kind = failure_kind(e)
+                self._outcome(dep, kind if kind in _DEPLOYMENT_FAILURES else "client_error")
+                if kind is None or kind == "context_length":
+                    raise
+                last = e
+                failures_here += 1
+                ra = retry_after_s(e)
+                if ra is not None and ra > retry.max_retry_after_s:
+                    exclude.add(dep.name)  # it asked for a long pause: use the others meanwhile
+                    continue
+                if self._others(route, exclude | {dep.name}, time.monotonic()):
+                    exclude.add(dep.name)  # fail over at once to a deployment that has not failed
+                    continue
+                delay = self._backoff(retry, failures_here, e)
+                if delay is None or time.monotonic() + delay >= att.deadline:
+                    break
+                await asyncio.sleep(delay)
+        if last is None:
+            last = self._unavailable(route)
+        raise last
+
+    def _others(self, route: ModelRoute, exclude: set[str], now: float) -> bool:
+        return any(
+            d.name not in exclude
+            and (d.max_concurrency == 0 or d.in_flight < d.max_concurrency)
+            and d.breaker.state_at(now) != "open"
+            for d in route.deployments
+        )
+
+    @staticmethod
+    def _backoff(retry: RetrySettings, n: int, e: GatewayError) -> float | None:
+        ra = retry_after_s(e)
+        if ra is not None:
+            return ra if ra <= retry.max_retry_after_s else None
+        return random.uniform(0, min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (n - 1)))
+
+    def _unavailable(self, route: ModelRoute) -> GatewayError:
+        now = time.monotonic()
+        waits = [d.breaker.opened_until - now for d in route.deployments if d.breaker.state_at(now) == "open"]
+        wait = max(1, round(min(waits))) if waits else 1
+        return UpstreamUnavailable(
+            f"Every deployment of `{route.public_name}` is unavailable (circuit open or at "
+            "capacity); try again shortly.",
+            code="no_healthy_deployment",
+            headers={"retry-after": str(wait)},
+        )

@@ -275,6 +275,31 @@ class Store(Protocol):
         self, start: float, end: float, group_by: list[GroupBy], team_id: str | None = None
     ) -> list[SpendRow]: ...
 
+    # ---- routing: limiters and breakers shared by every replica --------------------------------
+    async def rate_hit(self, name: str, rpm: int, tpm: int, tokens: int, now: float) -> float:
+        """Atomically check and count 1 request and `tokens` tokens against the limiter `name`
+        (any string, e.g. `provider:openai` or `deployment:openai/gpt-4o`): RPM `rpm` and TPM
+        `tpm` (0: no limit of that kind, and nothing of that kind counted), in the same 60 s
+        sliding window and with the same arithmetic as `admit`. Returns 0.0 when counted; else
+        the seconds to wait until both would fit (the longest of the refusing kinds), and
+        nothing is counted. `tokens` above `tpm` never fits: the wait is to a clear window.
+        Limiter windows are separate from key/team windows. One round trip on Redis."""
+
+    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
+        """Correct the token count of the limiter `name` once the real usage is known, like
+        `settle` does for `admit`: `now` is the time given to the `rate_hit` being corrected, so
+        the delta lands in the window it was counted in (nothing happens once that window is
+        gone); the count never goes below 0."""
+
+    async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
+        """Tell every replica that the breaker `name` is open until `opened_until_unix` (UNIX
+        seconds). A later time already published is kept (the longest wins); a time already past
+        (by this host's clock) publishes nothing. The state disappears by itself when it ends."""
+
+    async def breaker_states(self, names: list[str], now_unix: float) -> dict[str, float]:
+        """The breakers among `names` published open until after `now_unix`: name -> open-until
+        (UNIX seconds). One round trip on Redis."""
+
     # ---- small KV (alert flags, caches later) ------------------------------------------------
     async def set_once(self, key: str, ttl_s: float | None) -> bool:
         """Set `key` if absent; True if this call set it."""

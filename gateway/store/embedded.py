@@ -44,6 +44,7 @@ from gateway.store.rules import (
     Slot,
     day_range,
     group_spend,
+    hit_wait,
     period_ids,
     rate_info,
     retry_after,
@@ -94,6 +95,14 @@ class _ScopeState:
             heapq.heapify(self.heap)
 
 
+@dataclass(slots=True)
+class _Limiter:
+    """The windows of one named limiter (rate_hit): requests and tokens per 60 s window."""
+
+    requests: dict[int, int] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+
+
 def _count(win: dict[int, int], w: int, value: int) -> None:
     if w not in win:
         for old in [k for k in win if k < w - 1]:
@@ -124,6 +133,8 @@ class EmbeddedStore:
         self._settled: dict[str, float] = {}
         self._kv: dict[str, float | None] = {}
         self._max_now = 0.0
+        self._limiters: dict[str, _Limiter] = {}
+        self._breakers: dict[str, float] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -356,6 +367,56 @@ class EmbeddedStore:
         self._spent[k] = self._spent.get(k, 0) + nano
         self._pending_spend[k] = self._pending_spend.get(k, 0) + nano
 
+    # ---- routing: limiters and breakers (one process: in memory only) --------------------------
+
+    async def rate_hit(self, name: str, rpm: int, tpm: int, tokens: int, now: float) -> float:
+        return self.rate_hit_now(name, rpm, tpm, tokens, now)
+
+    def rate_hit_now(self, name: str, rpm: int, tpm: int, tokens: int, now: float) -> float:
+        """`rate_hit` without the coroutine: synchronous, so atomic under the event loop."""
+        if rpm <= 0 and tpm <= 0:
+            return 0.0
+        tokens = max(0, tokens)
+        lim = self._limiters.get(name)
+        if lim is None:
+            lim = self._limiters[name] = _Limiter()
+        w = window_index(now)
+        frac = 1 - (now - w * 60) / 60
+        counted: list[tuple[dict[int, int], int, int]] = []
+        refused: list[tuple[int, int, int, int]] = []
+        for limit, win, need in ((rpm, lim.requests, 1), (tpm, lim.tokens, tokens)):
+            if limit <= 0:
+                continue
+            prev, cur = win.get(w - 1, 0), win.get(w, 0)
+            counted.append((win, cur, need))
+            if prev * frac + cur + need > limit:
+                refused.append((prev, cur, need, limit))
+        if refused:
+            return hit_wait(refused, now)
+        for win, cur, need in counted:
+            _count(win, w, cur + need)
+        return 0.0
+
+    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
+        lim = self._limiters.get(name)
+        w = window_index(now)
+        if tokens_delta and lim is not None and w in lim.tokens:
+            lim.tokens[w] = max(0, lim.tokens[w] + tokens_delta)
+
+    async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
+        if opened_until_unix <= time.time():
+            return
+        if opened_until_unix > self._breakers.get(name, 0.0):
+            self._breakers[name] = opened_until_unix
+
+    async def breaker_states(self, names: list[str], now_unix: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in names:
+            until = self._breakers.get(name)
+            if until is not None and until > now_unix:
+                out[name] = until
+        return out
+
     # ---- ledger --------------------------------------------------------------------------------
 
     async def record_spend(self, records: list[SpendRecord]) -> None:
@@ -437,6 +498,9 @@ class EmbeddedStore:
         for st in self._scopes.values():
             st.drop_expired(now)
             st.compact()
+        wall = time.time()
+        for name in [n for n, until in self._breakers.items() if until <= wall]:
+            del self._breakers[name]
 
     # ---- SQLite (runs on the store's own thread) -----------------------------------------------
 

@@ -12,6 +12,9 @@ Key names (P is the configured prefix, S a scope name such as `key:k1` or `team:
     P rsv:S            int   sum of the amounts in lh:S
     P sp:S:PID         int   nano-USD spent in period PID (d…, w…, m…, t0)
     P settled:LEASE    str   marker: this lease was settled (TTL 2 days)
+    P lim:N:r:W        int   requests counted by the named limiter N in window W (TTL 130 s)
+    P lim:N:t:W        int   tokens counted by limiter N in window W
+    P br:N             str   UNIX time breaker N is open until (PX: until then, plus 1 s)
     P ledger           stream of spend records
     P agg:YYYY-MM-DD   hash  "team\\x1fkey\\x1fmodel\\x1f{n,p,c,$}" -> sum
 
@@ -244,4 +247,60 @@ for i = 5, #ARGV do
 end
 for agg, _ in pairs(seen) do redis.call('EXPIRE', agg, ttl) end
 return #ARGV - 4
+"""
+
+RATE_HIT = _PRELUDE + r"""
+-- ARGV: 2 limiter name, 3 now, 4 rpm, 5 tpm, 6 tokens (limits 0: none, nothing counted).
+-- Returns {counted, requests refused, prev, cur, tokens refused, prev, cur}; counted is 1 when
+-- both fit (and were counted), else 0 and nothing was counted. Same decision as ADMIT.
+local now = tonumber(ARGV[3])
+local w = math.floor(now / 60)
+local ws = I(w)
+local pws = I(w - 1)
+local frac = 1 - (now - w * 60) / 60
+local base = P .. 'lim:' .. ARGV[2] .. ':'
+local lims = {tonumber(ARGV[4]), tonumber(ARGV[5])}
+local needs = {1, tonumber(ARGV[6])}
+local needs_s = {'1', ARGV[6]}
+local chs = {'r:', 't:'}
+local out = {1, 0, 0, 0, 0, 0, 0}
+for i = 1, 2 do
+  if lims[i] > 0 then
+    local prev = tonumber(redis.call('GET', base .. chs[i] .. pws)) or 0
+    local cur = tonumber(redis.call('GET', base .. chs[i] .. ws)) or 0
+    out[3 * i] = prev
+    out[3 * i + 1] = cur
+    if prev * frac + cur + needs[i] > lims[i] then
+      out[3 * i - 1] = 1
+      out[1] = 0
+    end
+  end
+end
+if out[1] == 0 then return out end
+for i = 1, 2 do
+  if lims[i] > 0 then
+    local k = base .. chs[i] .. ws
+    redis.call('INCRBY', k, needs_s[i])
+    redis.call('EXPIRE', k, 130)
+  end
+end
+return out
+"""
+
+RATE_ADJUST = _PRELUDE + r"""
+-- ARGV: 2 limiter name, 3 window of the hit, 4 token delta. A window already gone stays gone;
+-- the count never goes below 0. Returns 1 if corrected.
+local k = P .. 'lim:' .. ARGV[2] .. ':t:' .. ARGV[3]
+if redis.call('EXISTS', k) == 0 then return 0 end
+if redis.call('INCRBY', k, ARGV[4]) < 0 then redis.call('SET', k, '0', 'KEEPTTL') end
+return 1
+"""
+
+BREAKER_PUBLISH = _PRELUDE + r"""
+-- ARGV: 2 breaker name, 3 open-until (UNIX s), 4 expiry (ms). The later open-until wins.
+local k = P .. 'br:' .. ARGV[2]
+local old = tonumber(redis.call('GET', k))
+if old and old >= tonumber(ARGV[3]) then return 0 end
+redis.call('SET', k, ARGV[3], 'PX', ARGV[4])
+return 1
 """

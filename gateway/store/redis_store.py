@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+import time
 from typing import Any
 
 import orjson
@@ -48,9 +50,11 @@ from gateway.store.rules import (
     day_range,
     day_str,
     group_spend,
+    hit_wait,
     period_ids,
     rate_info,
     retry_after,
+    window_index,
 )
 
 log = logging.getLogger("tollway.store.redis")
@@ -64,6 +68,8 @@ _BATCH = 1000
 _FLUSH_EVERY_S = 0.05
 _MAX_QUEUE = 200_000
 _CLOSE_DRAIN_S = 5.0
+_BREAKER_EXTRA_MS = 1000
+"""A published breaker state outlives its open-until this long (clock skew between hosts)."""
 
 
 class _Unavailable:
@@ -103,6 +109,9 @@ class RedisStore:
         self._put_key: AsyncScript | None = None
         self._key_by_hash: AsyncScript | None = None
         self._ledger_script: AsyncScript | None = None
+        self._rate_hit: AsyncScript | None = None
+        self._rate_adjust: AsyncScript | None = None
+        self._breaker_publish: AsyncScript | None = None
         self._queue: list[tuple[Settlement | None, SpendRecord]] = []
         self._batch: tuple[str, list[tuple[Settlement | None, SpendRecord]]] | None = None
         """The batch being written; kept (same id) until Redis confirmed it, so a retry after a
@@ -137,6 +146,9 @@ class RedisStore:
         self._put_key = self._r.register_script(redis_lua.PUT_KEY)
         self._key_by_hash = self._r.register_script(redis_lua.KEY_BY_HASH)
         self._ledger_script = self._r.register_script(redis_lua.LEDGER)
+        self._rate_hit = self._r.register_script(redis_lua.RATE_HIT)
+        self._rate_adjust = self._r.register_script(redis_lua.RATE_ADJUST)
+        self._breaker_publish = self._r.register_script(redis_lua.BREAKER_PUBLISH)
         self._wake = asyncio.Event()
         self._stopping = False
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
@@ -339,6 +351,53 @@ class RedisStore:
             return BudgetState(None, None, int(spent), int(reserved), None, None)
         start, end = period_bounds(b.period, now)
         return BudgetState(b.limit_nano, b.period, int(spent), int(reserved), start, end)
+
+    # ---- routing: limiters and breakers shared by every replica --------------------------------
+
+    async def rate_hit(self, name: str, rpm: int, tpm: int, tokens: int, now: float) -> float:
+        if rpm <= 0 and tpm <= 0:
+            return 0.0
+        assert self._rate_hit is not None
+        tokens = max(0, tokens)
+        args: list[EncodableT] = [self._p, name, repr(now), max(0, rpm), max(0, tpm), tokens]
+        with _unavailable:
+            res: list[int] = await self._rate_hit(args=args)
+        if res[0] == 1:
+            return 0.0
+        refused = [(res[i + 1], res[i + 2], need, limit)
+                   for i, need, limit in ((1, 1, rpm), (4, tokens, tpm)) if res[i] == 1]
+        return hit_wait(refused, now)
+
+    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
+        if not tokens_delta:
+            return
+        assert self._rate_adjust is not None
+        with _unavailable:
+            await self._rate_adjust(args=[self._p, name, window_index(now), tokens_delta])
+
+    async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
+        remaining = opened_until_unix - time.time()
+        if remaining <= 0:
+            return
+        assert self._breaker_publish is not None
+        px = math.ceil(remaining * 1000) + _BREAKER_EXTRA_MS
+        with _unavailable:
+            await self._breaker_publish(args=[self._p, name, repr(opened_until_unix), px])
+
+    async def breaker_states(self, names: list[str], now_unix: float) -> dict[str, float]:
+        if not names:
+            return {}
+        with _unavailable:
+            raws: list[bytes | str | None] = await self._redis().mget(
+                [self._p + "br:" + n for n in names]
+            )
+        out: dict[str, float] = {}
+        for name, raw in zip(names, raws, strict=True):
+            if raw is not None:
+                until = float(raw)
+                if until > now_unix:
+                    out[name] = until
+        return out
 
     # ---- ledger --------------------------------------------------------------------------------
 

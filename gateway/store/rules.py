@@ -53,6 +53,13 @@ def retry_after(prev: int, cur: int, now: float, need: int, limit: int) -> float
     return math.ceil((wait + 1e-6) * 1000) / 1000
 
 
+def hit_wait(refused: Iterable[tuple[int, int, int, int]], now: float) -> float:
+    """The wait of a refused limiter hit: the longest `retry_after` over its refusing kinds, given
+    as (previous window count, current window count, need, limit); 0.0 when none refused."""
+    return max((retry_after(prev, cur, now, need, limit) for prev, cur, need, limit in refused),
+               default=0.0)
+
+
 def _reset_s(prev: int, cur: int, now: float) -> float:
     """Seconds until the window is back to its initial, empty state."""
     elapsed = now - window_index(now) * WINDOW_S

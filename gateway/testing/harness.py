@@ -114,6 +114,7 @@ def gateway_config(upstream_base_url: str, **overrides: Any) -> dict[str, Any]:
     Client keys: `TOLLWAY_TEST_KEY_A` (team-a) and `TOLLWAY_TEST_KEY_B` (team-b); admin key
     `TOLLWAY_TEST_ADMIN_KEY`. Prices: $1 / $2 per million input / output tokens (`gpt-openai`
     uses genai-prices). The store is embedded, in a fresh temporary directory per config.
+    `routing.retry.max_attempts` is 1 (override it to test retries).
     `overrides` are deep-merged into the top-level sections (see `deep_merge`), e.g.
     `gateway_config(url, providers={"up": {"timeouts": {"read_s": 0.3}}})`.
     """
@@ -182,6 +183,9 @@ def gateway_config(upstream_base_url: str, **overrides: Any) -> dict[str, Any]:
             },
         },
         "admin": {"key": "${TOLLWAY_TEST_ADMIN_KEY}"},
+        # One attempt per request, so tests of a single upstream call see exactly that call;
+        # routing tests override `routing.retry` (production default: 3 attempts).
+        "routing": {"retry": {"max_attempts": 1}},
         "store": {
             "backend": "embedded",
             "path": os.path.join(tempfile.mkdtemp(prefix="tollway-test-"), "t.db"),

@@ -495,6 +495,157 @@ async def test_concurrent_admits_from_two_replicas(open_store: OpenStore) -> Non
     assert r.requests is not None and r.requests.remaining == 1000 - 51
 
 
+# ---- routing: named limiters (rate_hit / rate_adjust) ------------------------------------------
+
+
+async def hits(store: Store, n: int, now: float, name: str = "provider:p", rpm: int = 0, tpm: int = 0,
+               tokens: int = 0) -> list[float]:
+    return [await store.rate_hit(name, rpm, tpm, tokens, now) for _ in range(n)]
+
+
+async def test_rate_hit_rpm_sliding_window(store: Store) -> None:
+    """The same sequence as test_rpm_sliding_window, on a named limiter."""
+    async def ok(n: int, now: float) -> list[bool]:
+        return [w == 0.0 for w in await hits(store, n, now, rpm=10)]
+
+    assert await ok(11, T0) == [True] * 10 + [False]
+    assert await ok(1, T0 + 60) == [False]
+    assert await ok(6, T0 + 90) == [True] * 5 + [False]
+    assert await ok(1, T0 + 120) == [True]
+    assert await ok(10, T0 + 180) == [True] * 9 + [False]
+    assert await ok(11, T0 + 300) == [True] * 10 + [False]
+
+
+async def test_rate_hit_agrees_with_admit(store: Store) -> None:
+    """Same limits, same hits, same times: admit's key window and a limiter decide and wait alike."""
+    await seed(store, team(), key(rpm=7, tpm=900))
+    times = [T0 + 3.25 + i * 4.5 for i in range(60)]
+    for i, now in enumerate(times):
+        est = 50 + (i * 37) % 200
+        r = await store.admit(adm(now, est=est))
+        wait = await store.rate_hit("deployment:d", 7, 900, est, now)
+        assert (r.status == "ok") == (wait == 0.0), (i, r.status, wait)
+        if r.status != "ok":
+            # admit reports the first refusing kind, rate_hit the longest wait of all of them
+            assert r.retry_after_s is not None and wait >= r.retry_after_s
+            if r.limit_kind == "tokens":  # requests fitted: the same single wait
+                assert wait == r.retry_after_s
+
+
+async def test_rate_hit_tpm_and_nothing_counted_when_refused(store: Store) -> None:
+    assert await hits(store, 1, T0, rpm=3, tpm=1000, tokens=600) == [0.0]
+    assert (await hits(store, 1, T0, rpm=3, tpm=1000, tokens=600))[0] > 0  # tokens refuse
+    assert await hits(store, 1, T0, rpm=3, tpm=1000, tokens=400) == [0.0]  # 1000 exactly fits
+    assert await hits(store, 1, T0, rpm=3, tpm=1000, tokens=0) == [0.0]  # request 3 of 3
+    # requests refuse now: the tokens of refused hits were not counted either
+    assert all(w > 0 for w in await hits(store, 5, T0, rpm=3, tpm=1000, tokens=0))
+    assert (await hits(store, 1, T0, tpm=1000, tokens=1))[0] > 0  # rpm 0: tokens alone refuse
+    assert await hits(store, 1, T0, rpm=4, tokens=10**6) == [0.0]  # tpm 0: requests alone count
+    # at T0 + 105 the previous window (1000 tokens, 4 requests) weighs 0.25
+    assert await hits(store, 1, T0 + 105, rpm=3, tpm=1000, tokens=700) == [0.0]
+
+
+async def test_rate_hit_wait_is_the_longest_of_the_refusing_kinds(store: Store) -> None:
+    now = T0 + 10
+    assert await hits(store, 10, now, rpm=10, tpm=1000, tokens=50) == [0.0] * 10
+    # requests: 50 s to the window's end + 6 s; tokens (500 + 600 > 1000): 50 + 60 * 0.2 = 62 s
+    (wait,) = await hits(store, 1, now, rpm=10, tpm=1000, tokens=600)
+    assert 62.0 <= wait <= 62.01
+    (wait_r,) = await hits(store, 1, now, rpm=10, tpm=1000, tokens=0)
+    assert 56.0 <= wait_r <= 56.01
+    assert (await hits(store, 1, now + 56.5, rpm=10, tpm=1000, tokens=600))[0] > 0
+    assert await hits(store, 1, now + wait, rpm=10, tpm=1000, tokens=600) == [0.0]
+    # more tokens than the limit itself never fit: the wait is to a clear window
+    (w,) = await hits(store, 1, T0 + 1210, name="provider:q", tpm=1000, tokens=5000)
+    assert 110.0 <= w <= 110.01
+
+
+async def test_rate_hit_without_limits_counts_nothing(store: Store) -> None:
+    assert await hits(store, 50, T0, tokens=10**9) == [0.0] * 50
+    assert await hits(store, 5, T0, rpm=5, tpm=10, tokens=2) == [0.0] * 5  # nothing counted before
+
+
+async def test_limiters_are_separate_from_each_other_and_from_keys(store: Store) -> None:
+    await seed(store, team(), key(rpm=2))
+    assert await hits(store, 3, T0, name="provider:a", rpm=2) == [0.0, 0.0, pytest.approx(90.001)]
+    assert await hits(store, 2, T0, name="provider:b", rpm=2) == [0.0, 0.0]
+    assert await hits(store, 2, T0, name="key:k1", rpm=2) == [0.0, 0.0]  # not the key's window
+    assert await statuses(store, 3, T0) == ["ok", "ok", "rate_limited"]
+    assert await hits(store, 1, T0, name="team:t1", rpm=1) == [0.0]
+
+
+async def test_rate_adjust_corrects_tokens_in_the_hits_window(store: Store) -> None:
+    name = "deployment:openai/gpt-4o"
+    assert await hits(store, 1, T0, name=name, tpm=1000, tokens=800) == [0.0]
+    assert (await hits(store, 1, T0 + 1, name=name, tpm=1000, tokens=800))[0] > 0
+    await store.rate_adjust(name, -700, T0)  # used 100, not 800
+    assert await hits(store, 1, T0 + 2, name=name, tpm=1000, tokens=800) == [0.0]  # 900
+    await store.rate_adjust(name, 200, T0 + 2)  # used 1000, not 800: now 1100
+    assert (await hits(store, 1, T0 + 3, name=name, tpm=1000, tokens=0))[0] > 0
+    # a correction never drives the window below zero
+    await store.rate_adjust(name, -50_000, T0 + 3)
+    assert await hits(store, 1, T0 + 4, name=name, tpm=1000, tokens=1000) == [0.0]
+    assert (await hits(store, 1, T0 + 4, name=name, tpm=1000, tokens=1))[0] > 0
+    # a window already gone, a name never hit, a zero delta: nothing happens, nothing breaks
+    await store.rate_adjust(name, -1000, T0 - 600)
+    await store.rate_adjust("provider:never", -5, T0)
+    await store.rate_adjust(name, 0, T0)
+    # the previous window is corrected, not the current one (the tokens were counted there)
+    await store.rate_adjust(name, -1000, T0 + 60)  # no window at T0 + 60 yet: nothing
+    assert (await hits(store, 1, T0 + 60, name=name, tpm=1000, tokens=1))[0] > 0  # 1000 * 1.0 + 1
+    await store.rate_adjust(name, -1000, T0 + 4)
+    assert await hits(store, 1, T0 + 60, name=name, tpm=1000, tokens=1000) == [0.0]
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_two_replicas_share_a_limiter(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    name = "provider:openai"
+    waits = await asyncio.gather(
+        *(s.rate_hit(name, 50, 10_000, 100, T0 + 5) for _ in range(60) for s in (a, b))
+    )
+    assert sum(w == 0.0 for w in waits) == 50
+    assert all(w > 0 for w in waits if w != 0.0)
+    await a.rate_adjust(name, -2000, T0 + 5)  # 5000 -> 3000 tokens, seen by b
+    assert await b.rate_hit(name, 0, 10_000, 7000, T0 + 6) == 0.0
+    assert await a.rate_hit(name, 0, 10_000, 1, T0 + 6) > 0
+
+
+# ---- routing: breaker states shared by replicas ------------------------------------------------
+
+
+async def test_breaker_publish_and_states(store: Store) -> None:
+    now = time.time()
+    assert await store.breaker_states([], now) == {}
+    assert await store.breaker_states(["p/a", "p/b"], now) == {}
+    await store.breaker_publish("p/a", now + 30.25)
+    await store.breaker_publish("p/b", now + 10.5)
+    assert await store.breaker_states(["p/a", "p/b", "p/c"], now) == {"p/a": now + 30.25,
+                                                                      "p/b": now + 10.5}
+    assert await store.breaker_states(["p/b"], now) == {"p/b": now + 10.5}
+    assert await store.breaker_states(["p/a", "p/b"], now + 20) == {"p/a": now + 30.25}
+    assert await store.breaker_states(["p/a", "p/b"], now + 30.25) == {}  # not after now: over
+    # the later open-until wins; one already past publishes nothing
+    await store.breaker_publish("p/a", now + 5)
+    await store.breaker_publish("p/a", now + 40)
+    await store.breaker_publish("p/c", now - 1)
+    assert await store.breaker_states(["p/a", "p/c"], now) == {"p/a": now + 40}
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_breaker_state_crosses_replicas_and_expires(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    await a.breaker_publish("openai/gpt-4o", now + 0.3)
+    await a.breaker_publish("anthropic/claude", now + 60)
+    assert await b.breaker_states(["openai/gpt-4o", "anthropic/claude", "x"], now) == {
+        "openai/gpt-4o": now + 0.3, "anthropic/claude": now + 60}
+    await b.breaker_publish("anthropic/claude", now + 90)  # b's probe failed later
+    assert await a.breaker_states(["anthropic/claude"], now) == {"anthropic/claude": now + 90}
+    await asyncio.sleep(1.5)  # the key outlives its open-until by 1 s, then Redis drops it
+    assert await b.breaker_states(["openai/gpt-4o"], 0.0) == {}
+
+
 # ---- ledger ------------------------------------------------------------------------------------
 
 
@@ -676,6 +827,10 @@ async def test_redis_unavailable_then_reconnects() -> None:
                 store.settle(settlement("x", T0, 1)),
                 store.budget(Scope("key", "k1"), T0),
                 store.record_spend([spend(T0, "t1", "k1", "a", 1)]),
+                store.rate_hit("provider:p", 10, 0, 1, T0),
+                store.rate_adjust("provider:p", -1, T0),
+                store.breaker_publish("p/a", time.time() + 30),
+                store.breaker_states(["p/a"], time.time()),
             ):
                 started = time.monotonic()
                 with pytest.raises(StoreUnavailable):
@@ -687,6 +842,9 @@ async def test_redis_unavailable_then_reconnects() -> None:
             await seed(store)
             assert (await store.admit(adm(T0))).status == "ok"  # scripts are loaded again
             assert (await store.get_key("k1")) is not None
+            assert await store.rate_hit("provider:p", 10, 0, 1, T0) == 0.0  # scripts again
+            await store.breaker_publish("p/a", time.time() + 30)
+            assert list(await store.breaker_states(["p/a"], time.time())) == ["p/a"]
         finally:
             await store.close()
 

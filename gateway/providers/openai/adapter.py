@@ -12,7 +12,7 @@ from gateway import __version__
 from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
 from gateway.providers.openai import translate
-from gateway.settings import ProviderSettings
+from gateway.settings import ProviderSettings, Timeouts
 
 log = logging.getLogger("tollway.providers.openai")
 
@@ -25,6 +25,15 @@ def _transport_error(provider: str, e: BaseException, stage: str) -> GatewayErro
     if isinstance(e, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"The upstream provider {provider} could not be reached.")
     return BadGateway(f"The connection to the upstream provider {provider} broke {stage}.")
+
+
+def client_timeouts(t: Timeouts) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    """aiohttp timeouts (non-streaming, streaming): connect; idle read (which also bounds the time
+    to the first byte); total for a whole non-streaming call only."""
+    return (
+        aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s),
+        aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s),
+    )
 
 
 class _Stream:
@@ -80,13 +89,8 @@ class OpenAIAdapter(Provider):
                 headers[settings.auth_header] = f"{scheme} {key}" if scheme else key
         headers.update(settings.headers)
         self._headers = headers
-        t = settings.timeouts
-        self._timeout = aiohttp.ClientTimeout(
-            total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=t.connect_s, sock_read=t.read_s
-        )
+        self._timeout, self._stream_timeout = client_timeouts(settings.timeouts)
+        self._dep_timeouts: dict[int, tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], str] = {}
 
@@ -140,13 +144,15 @@ class OpenAIAdapter(Provider):
             raise UpstreamUnavailable(f"provider {self.name} is not started")
         headers = dict(self._headers)
         headers["X-Request-Id"] = req.request_id
+        if req.timeouts is None:
+            timeout = self._stream_timeout if req.stream else self._timeout
+        else:
+            pair = self._dep_timeouts.get(id(req.timeouts))
+            if pair is None:
+                pair = self._dep_timeouts[id(req.timeouts)] = client_timeouts(req.timeouts)
+            timeout = pair[1] if req.stream else pair[0]
         try:
-            return await session.post(
-                self._url(req),
-                data=data,
-                headers=headers,
-                timeout=self._stream_timeout if req.stream else self._timeout,
-            )
+            return await session.post(self._url(req), data=data, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as e:
             raise _transport_error(self.name, e, "before responding") from e
 

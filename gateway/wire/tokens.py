@@ -1,0 +1,49 @@
+"""Token estimates from a request body, before the upstream has counted anything."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A deliberately generous estimate (about 3 characters a token) from the request body."""
+    chars = 0
+    items = 0
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            items += 1
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                chars += len(c)
+            elif isinstance(c, list):
+                for part in c:
+                    if isinstance(part, dict):
+                        t = part.get("text")
+                        chars += len(t) if isinstance(t, str) else 255 * 3  # an image: ~255 tokens
+            tc = m.get("tool_calls")
+            if tc:
+                chars += len(str(tc))
+        tools = body.get("tools")
+        if tools:
+            chars += len(str(tools))
+    else:
+        src = body.get("prompt", body.get("input"))
+        if isinstance(src, str):
+            chars, items = len(src), 1
+        elif isinstance(src, list):
+            for s in src:
+                items += 1
+                chars += len(s) if isinstance(s, str) else (len(s) * 3 if isinstance(s, list) else 3)
+    return chars // 3 + 4 * items + 3
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    """The client's output cap (`max_completion_tokens`, else `max_tokens`), if it gave one."""
+    for k in ("max_completion_tokens", "max_tokens"):
+        v = body.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
