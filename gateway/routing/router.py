@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.errors import (
+    BadGateway,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
@@ -42,6 +44,10 @@ log = logging.getLogger("tollway.router")
 _STATE_CODE = {"closed": 0, "half_open": 1, "open": 2}
 _SYNC_EVERY_S = 1.0
 _DEPLOYMENT_FAILURES = frozenset({"rate_limit", "server_error", "timeout", "unavailable", "stream_broken"})
+
+
+class _DeadlineExceeded(UpstreamTimeout):
+    """The request's overall routing deadline ended an attempt in progress."""
 
 
 @dataclass(slots=True, eq=False)
@@ -101,6 +107,21 @@ def failure_kind(e: GatewayError) -> str | None:
         if "context_length" in text or "context length" in text or "maximum context" in text:
             return "context_length"
     return None
+
+
+def _stream_error(dep: Deployment, first: bytes) -> GatewayError:
+    """An upstream stream whose first event is an in-band error, as an error before any byte."""
+    line = first.split(b"\n", 1)[0][5:].strip()
+    try:
+        err = orjson.loads(line).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        err = {}
+    message = str(err.get("message") or "error") if isinstance(err, dict) else str(err)
+    return BadGateway(
+        f"The upstream provider {dep.provider_name} failed the stream before its first token: "
+        f"{message}",
+        code="upstream_stream_error",
+    )
 
 
 def retry_after_s(e: GatewayError) -> float | None:
@@ -365,7 +386,20 @@ class Router:
         assert not isinstance(result, Reply)
         return result
 
-    async def _attempt(self, ctx: RequestContext, dep: Deployment, stream: bool) -> Reply | _RoutedStream:
+    async def _attempt(
+        self, ctx: RequestContext, dep: Deployment, stream: bool, deadline: float
+    ) -> Reply | _RoutedStream:
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
+                return await self._call(ctx, dep, stream)
+        except TimeoutError:
+            raise _DeadlineExceeded(
+                f"The upstream provider {dep.provider_name} did not answer within the request's "
+                "deadline.",
+                code="deadline_exceeded",
+            ) from None
+
+    async def _call(self, ctx: RequestContext, dep: Deployment, stream: bool) -> Reply | _RoutedStream:
         req = self._request(ctx, dep, stream)
         dep.in_flight += 1
         t0 = time.monotonic()
@@ -393,6 +427,10 @@ class Router:
             except BaseException:
                 await upstream.aclose()
                 raise
+            if first.startswith(b'data: {"error"') or first.startswith(b'data:{"error"'):
+                # Failed before producing anything: still time to retry or fall back.
+                await upstream.aclose()
+                raise _stream_error(dep, first)
         except asyncio.CancelledError:
             dep.in_flight -= 1
             dep.breaker.release_probe()
@@ -470,7 +508,15 @@ class Router:
                 break
             dep = self._pick(route, exclude, now)
             if dep is None:
-                if failures_here and last is not None and exclude:
+                # Every deployment failed or is unavailable. With fallbacks, they get the turn;
+                # without, back off and give the deployments another round.
+                if (
+                    failures_here
+                    and last is not None
+                    and last.retryable
+                    and exclude
+                    and not any(failure_kind(last) in fb.on for fb in route.fallbacks)
+                ):
                     # Every deployment failed once: back off, then give them another round.
                     exclude.clear()
                     delay = self._backoff(retry, failures_here, last)
@@ -499,7 +545,13 @@ class Router:
             att.count += 1
             att.tried.append(dep.name)
             try:
-                return await self._attempt(ctx, dep, stream)
+                return await self._attempt(ctx, dep, stream, att.deadline)
+            except _DeadlineExceeded as e:
+                # The request's time is up: says nothing about the deployment. The client gets
+                # the last real upstream answer if there was one.
+                dep.breaker.release_probe()
+                self.attempts.labels(dep.name, "deadline").inc()
+                raise (last or att.last_error or e) from None
             except GatewayError as e:
                 kind = failure_kind(e)
                 self._outcome(dep, kind if kind in _DEPLOYMENT_FAILURES else "client_error")
@@ -508,12 +560,18 @@ class Router:
                 last = e
                 failures_here += 1
                 ra = retry_after_s(e)
-                if ra is not None and ra > retry.max_retry_after_s:
-                    exclude.add(dep.name)  # it asked for a long pause: use the others meanwhile
+                if not e.retryable or (ra is not None and ra > retry.max_retry_after_s):
+                    # It said not to retry (exhausted account) or asked for a long pause: use the
+                    # other deployments, or the fallbacks.
+                    exclude.add(dep.name)
                     continue
                 if self._others(route, exclude | {dep.name}, time.monotonic()):
                     exclude.add(dep.name)  # fail over at once to a deployment that has not failed
                     continue
+                if any(kind in fb.on for fb in route.fallbacks):
+                    break  # every deployment failed once: a matching fallback gets its turn first
+                if att.count >= att.max:
+                    break  # no attempt left: do not sleep for nothing
                 delay = self._backoff(retry, failures_here, e)
                 if delay is None or time.monotonic() + delay >= att.deadline:
                     break

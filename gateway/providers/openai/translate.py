@@ -77,10 +77,12 @@ def upstream_error(
         type_, param, code = _default_type(status), None, None
 
     if status in (401, 403):
-        return BadGateway(
+        err = BadGateway(
             f"provider {provider} rejected the gateway's credentials (HTTP {status}): {message}",
             code="upstream_auth_failed",
         )
+        err.retryable = False  # the same key will not work a moment later (other deployments may)
+        return err
     keep_raw = (
         inner is not None
         and parsed.get("error") is inner
