@@ -32,7 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pipeline.context import Endpoint, RequestContext
+from gateway.pipeline.context import Endpoint, RequestContext, Usage
 from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
 from gateway.routing.breaker import BreakerBoard, CircuitBreaker
 from gateway.settings import FallbackSettings, ModelSettings, RetrySettings, Settings, Timeouts
@@ -139,10 +139,13 @@ def retry_after_s(e: GatewayError) -> float | None:
 class _RoutedStream:
     """The chosen upstream stream, its first chunk already read; reports the outcome on close."""
 
-    __slots__ = ("_closed", "_dep", "_failed", "_first", "_router", "_stream")
+    __slots__ = ("_closed", "_ctx", "_dep", "_failed", "_first", "_router", "_stream")
 
-    def __init__(self, router: Router, dep: Deployment, stream: UpstreamStream, first: bytes) -> None:
+    def __init__(
+        self, router: Router, ctx: RequestContext, dep: Deployment, stream: UpstreamStream, first: bytes
+    ) -> None:
         self._router = router
+        self._ctx = ctx
         self._dep = dep
         self._stream = stream
         self._first: bytes | None = first
@@ -169,6 +172,9 @@ class _RoutedStream:
         self._closed = True
         self._dep.in_flight -= 1
         self._router._outcome(self._dep, None if not self._failed else "stream_broken")
+        if "route.tpm" in self._ctx.state:
+            u = self._ctx.usage  # the relay sets it before closing the upstream
+            self._router._correct_tpm(self._ctx, u.total_tokens if u else None)
         await self._stream.aclose()
 
 
@@ -324,26 +330,41 @@ class Router:
         cum = list(accumulate(d.weight for d in cands))
         return cands[min(bisect_right(cum, random.random() * cum[-1]), len(cands) - 1)]
 
-    async def _quota_wait(self, dep: Deployment, tokens: int) -> float:
+    async def _quota_wait(self, ctx: RequestContext, dep: Deployment, tokens: int) -> float:
         """Seconds until this deployment's (and its provider's) quota has room; 0: counted now."""
         store = self.store
-        if store is None:
+        if store is None or not (dep.rpm or dep.tpm or dep.provider_rpm or dep.provider_tpm):
             return 0.0
         now = time.time()
+        counted: list[str] = []
         try:
-            if dep.rpm or dep.tpm:
-                wait = await store.rate_hit("deployment:" + dep.name, dep.rpm, dep.tpm, tokens, now)
-                if wait > 0:
-                    return wait
-            if dep.provider_rpm or dep.provider_tpm:
-                wait = await store.rate_hit(
-                    "provider:" + dep.provider_name, dep.provider_rpm, dep.provider_tpm, tokens, now
-                )
-                if wait > 0:
-                    return wait
+            for name, rpm, tpm in (
+                ("deployment:" + dep.name, dep.rpm, dep.tpm),
+                ("provider:" + dep.provider_name, dep.provider_rpm, dep.provider_tpm),
+            ):
+                if rpm or tpm:
+                    wait = await store.rate_hit(name, rpm, tpm, tokens, now)
+                    if wait > 0:
+                        return wait
+                    if tpm:
+                        counted.append(name)
         except StoreUnavailable:
             return 0.0  # quotas fail open: the provider's own limits still apply
+        if counted:
+            ctx.state["route.tpm"] = (counted, now, tokens)
         return 0.0
+
+    def _correct_tpm(self, ctx: RequestContext, actual: int | None) -> None:
+        """Replace the estimate counted against token quotas by the real usage, once known."""
+        hit = ctx.state.pop("route.tpm", None)
+        if hit is None or actual is None or self.store is None:
+            return
+        names, now, estimate = hit
+        for name in names:
+            task = asyncio.get_running_loop().create_task(
+                self.store.rate_adjust(name, actual - estimate, now)
+            )
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # ---- calling ------------------------------------------------------------------------------
 
@@ -413,6 +434,9 @@ class Router:
                 dep.in_flight -= 1
             self._ttft(dep, time.monotonic() - t0)
             self._outcome(dep, None)
+            if "route.tpm" in ctx.state:
+                u = Usage.from_openai(reply.parsed.get("usage"))
+                self._correct_tpm(ctx, u.total_tokens if u else None)
             return reply
         try:
             upstream = await dep.provider.open_stream(req)
@@ -439,7 +463,7 @@ class Router:
             dep.in_flight -= 1
             raise
         self._ttft(dep, time.monotonic() - t0)
-        return _RoutedStream(self, dep, upstream, first)
+        return _RoutedStream(self, ctx, dep, upstream, first)
 
     async def _route(self, ctx: RequestContext, route: ModelRoute, stream: bool) -> Reply | _RoutedStream:
         retry = route.retry
@@ -525,7 +549,7 @@ class Router:
                     await asyncio.sleep(delay)
                     continue
                 break
-            wait = await self._quota_wait(dep, tokens)
+            wait = await self._quota_wait(ctx, dep, tokens)
             if wait > 0:
                 exclude.add(dep.name)
                 dep.breaker.release_probe()  # it was not used: the next caller may probe
