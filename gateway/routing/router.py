@@ -627,5 +627,6 @@ class Router:
             f"Every deployment of `{route.public_name}` is unavailable (circuit open or at "
             "capacity); try again shortly.",
             code="no_healthy_deployment",
+            status=503,  # nothing was sent upstream: "try again shortly", retried by the SDKs
             headers={"retry-after": str(wait)},
         )
