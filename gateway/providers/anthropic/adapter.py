@@ -9,39 +9,18 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway import __version__
 from gateway.errors import (
     BadGateway,
     GatewayError,
     InvalidRequest,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from gateway.providers.anthropic import translate
 from gateway.providers.anthropic.stream import StreamTranslator
-from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
-from gateway.settings import ProviderSettings, Timeouts
+from gateway.providers.base import Reply, UpstreamRequest, UpstreamStream
+from gateway.providers.http import HttpProvider, finish, read_chunk
+from gateway.settings import ProviderSettings
 
 log = logging.getLogger("tollway.providers.anthropic")
-
-
-def _transport_error(provider: str, e: BaseException, stage: str) -> GatewayError:
-    """The client learns what failed, not where: addresses and exception text stay in our log."""
-    log.warning("provider %s: failed %s: %s: %s", provider, stage, type(e).__name__, e)
-    if isinstance(e, TimeoutError):
-        return UpstreamTimeout(f"The upstream provider {provider} timed out {stage}.")
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable(f"The upstream provider {provider} could not be reached.")
-    return BadGateway(f"The connection to the upstream provider {provider} broke {stage}.")
-
-
-def _client_timeouts(t: Timeouts) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-    """(non-streaming, streaming): connect; idle read, which also bounds the time to the first byte;
-    a total only for a whole non-streaming call (a healthy stream may last many minutes)."""
-    return (
-        aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s),
-        aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s),
-    )
 
 
 class _Stream:
@@ -66,10 +45,7 @@ class _Stream:
             return out
         tr = self._tr
         while not tr.finished:
-            try:
-                data = await self._resp.content.readany()
-            except (TimeoutError, aiohttp.ClientError) as e:
-                raise _transport_error(self._provider, e, "mid-stream") from e
+            data = await read_chunk(self._resp, self._provider)
             out = tr.feed(data) if data else tr.end()
             if out:
                 return out
@@ -78,47 +54,24 @@ class _Stream:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        if self._resp.content.is_eof():
-            self._resp.release()
-        else:
-            self._resp.close()  # abandoned, failed or finished early: drop the connection
+        finish(self._resp)
 
 
-class AnthropicAdapter(Provider):
+class AnthropicAdapter(HttpProvider):
     """kind anthropic: POST {api_base}/v1/messages with the gateway's x-api-key."""
 
     def __init__(self, name: str, settings: ProviderSettings) -> None:
-        super().__init__(name)
-        self.settings = settings
-        assert settings.api_base is not None
-        self._url = settings.api_base + translate.MESSAGES_PATH
         headers: dict[str, str] = {
             "Content-Type": "application/json",
             "Accept": "application/json",
-            "User-Agent": f"tollway/{__version__}",
             "anthropic-version": settings.anthropic_version,
         }
         key = settings.api_key.get_secret_value() if settings.api_key else None
         if key:
             headers["x-api-key"] = key
-        headers.update(settings.headers)  # e.g. anthropic-beta
-        self._headers = headers
-        self._timeouts = _client_timeouts(settings.timeouts)
-        self._dep_timeouts: dict[int, tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]] = {}
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.settings.max_connections, ttl_dns_cache=300, keepalive_timeout=30
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeouts[0], auto_decompress=True
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        super().__init__(name, settings, headers)  # settings.headers: e.g. anthropic-beta
+        assert settings.api_base is not None
+        self._url = settings.api_base + translate.MESSAGES_PATH
 
     def _body(self, req: UpstreamRequest) -> bytes:
         if req.endpoint != "chat":
@@ -140,32 +93,8 @@ class AnthropicAdapter(Provider):
         )
         return orjson.dumps(body)
 
-    async def _post(self, req: UpstreamRequest, data: bytes) -> aiohttp.ClientResponse:
-        session = self._session
-        if session is None:
-            raise UpstreamUnavailable(f"provider {self.name} is not started")
-        headers = dict(self._headers)
-        if req.stream:
-            headers["Accept"] = "text/event-stream"
-        pair = self._timeouts
-        if req.timeouts is not None:  # the deployment's own timeouts
-            pair = self._dep_timeouts.get(id(req.timeouts)) or self._dep_timeouts.setdefault(
-                id(req.timeouts), _client_timeouts(req.timeouts)
-            )
-        try:
-            return await session.post(
-                self._url, data=data, headers=headers, timeout=pair[1] if req.stream else pair[0]
-            )
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise _transport_error(self.name, e, "before responding") from e
-
     async def _error_from(self, resp: aiohttp.ClientResponse) -> GatewayError:
-        try:
-            raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raw = b""
-        finally:
-            resp.release()
+        raw = await self._read_error_body(resp)
         log.info(
             "provider %s: HTTP %s (request-id %s)", self.name, resp.status, resp.headers.get("request-id")
         )
@@ -173,18 +102,10 @@ class AnthropicAdapter(Provider):
 
     async def complete(self, req: UpstreamRequest) -> Reply:
         data = self._body(req)
-        resp = await self._post(req, data)
-        try:
-            if resp.status >= 400:
-                raise await self._error_from(resp)
-            try:
-                raw = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as e:
-                raise _transport_error(self.name, e, "while sending its answer") from e
-        except BaseException:
-            resp.close()
-            raise
-        resp.release()
+        resp = await self._post(self._url, req, data, {})
+        if resp.status >= 400:
+            raise await self._error_from(resp)
+        raw = await self._read_body(resp)
         try:
             msg: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -198,7 +119,7 @@ class AnthropicAdapter(Provider):
         """Returns once the first OpenAI chunk is ready, so an `error` event that arrives before any
         output (an overload right after the 200) is raised here, where the router can still retry."""
         data = self._body(req)
-        resp = await self._post(req, data)
+        resp = await self._post(self._url, req, data, {"Accept": "text/event-stream"})
         if resp.status >= 400:
             raise await self._error_from(resp)
         ctype = resp.headers.get("Content-Type", "")
@@ -218,10 +139,7 @@ class AnthropicAdapter(Provider):
         try:
             first = b""
             while not first and not tr.finished:
-                try:
-                    chunk = await resp.content.readany()
-                except (TimeoutError, aiohttp.ClientError) as e:
-                    raise _transport_error(self.name, e, "before its first event") from e
+                chunk = await read_chunk(resp, self.name)
                 first = tr.feed(chunk) if chunk else tr.end()
                 if tr.error is not None and tr.chunks == 0:
                     raise tr.error
