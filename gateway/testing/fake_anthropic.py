@@ -15,17 +15,16 @@ event mid-stream, cut or stall a stream::
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from gateway.testing.loopback import LoopbackFake
 
 __all__ = [
     "DEFAULT_MODEL_REPLY",
@@ -244,76 +243,17 @@ def check_request(body: Any, headers: CIMultiDict[str], api_key: str | None) -> 
     return None
 
 
-class FakeAnthropic:
-    """An Anthropic Messages API look-alike on 127.0.0.1; see the module docstring."""
+class FakeAnthropic(LoopbackFake[AnthropicBehaviour, AnthropicRequest]):
+    """An Anthropic Messages API look-alike on 127.0.0.1; see the module docstring. `url` is the
+    provider's `api_base` (the fake serves `/v1/messages`)."""
 
     def __init__(self, *, api_key: str | None = None, shutdown_timeout_s: float = 0.5) -> None:
+        super().__init__(AnthropicBehaviour(), shutdown_timeout_s=shutdown_timeout_s)
         self.api_key = api_key
         """When set, requests must carry exactly this x-api-key (else 401, as the real API)."""
         self.strict = True
         """Apply `check_request` to every request."""
-        self.default = AnthropicBehaviour()
-        self.requests: list[AnthropicRequest] = []
-        self._queue: deque[AnthropicBehaviour] = deque()
-        self._ids = itertools.count(1)
-        self._shutdown_timeout_s = shutdown_timeout_s
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/messages", self._handle)
-
-    # ---------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        runner = web.AppRunner(
-            self.app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout_s, access_log=None
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> FakeAnthropic:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` — the provider's `api_base` (the fake serves `/v1/messages`)."""
-        if self._port is None:
-            raise RuntimeError("FakeAnthropic is not started")
-        return f"http://127.0.0.1:{self._port}"
-
-    # ---------------------------------------------------------------- scripting
-
-    def enqueue(self, *behaviours: AnthropicBehaviour, times: int = 1) -> None:
-        """Use these behaviours, in order, for the next requests (each `times` times)."""
-        for b in behaviours:
-            self._queue.extend([b] * times)
-
-    def reset(self) -> None:
-        self._queue.clear()
-        self.requests.clear()
-        self.default = AnthropicBehaviour()
-
-    @property
-    def last(self) -> AnthropicRequest:
-        if not self.requests:
-            raise AssertionError("the fake Anthropic upstream has received no request")
-        return self.requests[-1]
 
     # ---------------------------------------------------------------- handler
 
@@ -324,7 +264,7 @@ class FakeAnthropic:
             headers=CIMultiDict(request.headers),
             arrived_at=time.monotonic(),
         )
-        b = self._queue.popleft() if self._queue else self.default
+        b = self.next_behaviour()
         rec.behaviour = b
         self.requests.append(rec)
         try:

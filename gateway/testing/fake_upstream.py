@@ -23,15 +23,15 @@ import itertools
 import re
 import struct
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
+
+from gateway.testing.loopback import LoopbackFake
 
 __all__ = [
     "DEFAULT_REPLY",
@@ -271,78 +271,21 @@ class _CutStream(Exception):
     """Internal: the scripted stream cut happened."""
 
 
-class FakeUpstream:
-    """An OpenAI look-alike on 127.0.0.1; see the module docstring."""
+class FakeUpstream(LoopbackFake[Behaviour, RecordedRequest]):
+    """An OpenAI look-alike on 127.0.0.1; see the module docstring. `url` is the Azure resource URL."""
 
     def __init__(self, *, models: list[str] | None = None, shutdown_timeout_s: float = 0.5) -> None:
-        self.default: Behaviour = Behaviour()
-        """Used when the queue is empty."""
+        super().__init__(Behaviour(), shutdown_timeout_s=shutdown_timeout_s)
         self.models: list[str] = models if models is not None else ["fake-model-1", "fake-embed-1"]
         """Ids listed by GET /v1/models."""
-        self.requests: list[RecordedRequest] = []
-        self._queue: deque[Behaviour] = deque()
-        self._ids = itertools.count(1)
-        self._shutdown_timeout_s = shutdown_timeout_s
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
         self._new_request = asyncio.Condition()
-        self.app = self._make_app()
-
-    # ---------------------------------------------------------------- lifecycle
-
-    def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = self.app
         for prefix in ("/v1", "/openai/deployments/{deployment}"):
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
             app.router.add_post(f"{prefix}/completions", self._completions)
             app.router.add_post(f"{prefix}/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
-        return app
-
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,
-            shutdown_timeout=self._shutdown_timeout_s,
-            access_log=None,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runner = runner
-        addr = runner.addresses[0]
-        self._port = int(addr[1])
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> FakeUpstream:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FakeUpstream is not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (the Azure resource URL)."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -351,31 +294,12 @@ class FakeUpstream:
 
     # ---------------------------------------------------------------- scripting
 
-    def enqueue(self, *behaviours: Behaviour, times: int = 1) -> None:
-        """Use these behaviours, in order, for the next requests (each `times` times)."""
-        for b in behaviours:
-            self._queue.extend([b] * times)
-
-    def reset(self) -> None:
-        """Forget queued behaviours and recorded requests; restore the default behaviour."""
-        self._queue.clear()
-        self.requests.clear()
-        self.default = Behaviour()
-
-    @property
-    def last(self) -> RecordedRequest:
-        if not self.requests:
-            raise AssertionError("the fake upstream has received no request")
-        return self.requests[-1]
-
     async def wait_for_requests(self, count: int, timeout_s: float = 5.0) -> list[RecordedRequest]:
         """Wait until at least `count` requests have arrived; return them all."""
         async with self._new_request:
             await asyncio.wait_for(self._new_request.wait_for(lambda: len(self.requests) >= count), timeout_s)
         return list(self.requests)
 
-    def _next_behaviour(self) -> Behaviour:
-        return self._queue.popleft() if self._queue else self.default
 
     # ---------------------------------------------------------------- handlers
 
@@ -407,7 +331,7 @@ class FakeUpstream:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if isinstance(peer, tuple) and len(peer) >= 2:
             rec.peer = (str(peer[0]), int(peer[1]))
-        behaviour = self._next_behaviour()
+        behaviour = self.next_behaviour()
         rec.behaviour = behaviour
         self.requests.append(rec)
         async with self._new_request:
