@@ -12,18 +12,30 @@ Routes:
   the headers), an extra usage chunk (``"choices": []``) when the body asks for
   ``include_usage``, then ``data: [DONE]`` and the zero-length terminator.
 * ``GET .../models``: a one-model list.
+* ``GET /_bench/stats``: what this process served so far, as JSON: ``{"ok": n, "failed": n,
+  "streams": n}`` (chat completions answered 200, of those streamed, and answered 503).
 * anything else: 404 with an OpenAI-style error body.
 
-Run: ``python -m bench.fast_upstream [--host 127.0.0.1] [--port 0]``. The first line on
-stdout is the bound port number; nothing else is ever written to stdout. The server exits
-on SIGTERM/SIGINT, or by itself when its parent process goes away.
+Failure injection: ``--fail-rate F`` answers that fraction of chat completions (streaming or
+not) with ``503 Service Unavailable`` and an OpenAI-style ``server_error`` JSON body, before
+any byte of a stream. Which requests fail: with ``--fail-seed N``, a seeded pseudo-random
+draw per request (``random.Random(N)``: the same sequence on every run); without it, an
+evenly spread deterministic pattern (request n fails when ``floor((n + 1) * F)`` exceeds
+``floor(n * F)``: for 0.5, every second request). Requests are numbered in arrival order.
+
+Run: ``python -m bench.fast_upstream [--host 127.0.0.1] [--port 0] [--fail-rate F]
+[--fail-seed N]``. The first line on stdout is the bound port number; nothing else is ever
+written to stdout (the final counts go to stderr). The server exits on SIGTERM/SIGINT, or by
+itself when its parent process goes away.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import random
 import re
 import signal
 import socket
@@ -172,7 +184,48 @@ STREAM_HEAD = (
 STREAM_FRAMES = _stream_frames()
 STREAM_TAIL = _frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 STREAM_TAIL_USAGE = _frame(_sse(_USAGE_CHUNK)) + STREAM_TAIL
+RESP_UNAVAILABLE = _response(
+    "503 Service Unavailable",
+    b"application/json",
+    b'{"error":{"message":"The server is overloaded or not ready yet (bench fail-rate).",'
+    b'"type":"server_error","param":null,"code":"service_unavailable"}}',
+)
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Served:
+    """What this process answered to chat completions, and which of them it should fail."""
+
+    __slots__ = ("_n", "_rng", "fail_rate", "failed", "ok", "streams")
+
+    def __init__(self, fail_rate: float = 0.0, seed: int | None = None) -> None:
+        if not 0.0 <= fail_rate <= 1.0:
+            raise ValueError("fail_rate must be in [0, 1]")
+        self.fail_rate = fail_rate
+        self._rng = random.Random(seed) if seed is not None else None
+        self._n = 0
+        self.ok = 0
+        self.streams = 0
+        self.failed = 0
+
+    def should_fail(self) -> bool:
+        """Decide for the next chat completion (and count it as failed if so)."""
+        rate = self.fail_rate
+        if rate <= 0.0:
+            return False
+        n = self._n
+        self._n = n + 1
+        if self._rng is not None:
+            fail = self._rng.random() < rate
+        else:
+            fail = math.floor((n + 1) * rate) > math.floor(n * rate)
+        if fail:
+            self.failed += 1
+        return fail
+
+    def stats_response(self) -> bytes:
+        body = orjson.dumps({"ok": self.ok, "failed": self.failed, "streams": self.streams})
+        return _response("200 OK", b"application/json", body)
 
 
 class _Incomplete(Exception):
@@ -215,6 +268,7 @@ class UpstreamProtocol(asyncio.Protocol):
         "_closed",
         "_head",
         "_loop",
+        "_served",
         "_stream_i",
         "_stream_start",
         "_stream_tail",
@@ -222,8 +276,9 @@ class UpstreamProtocol(asyncio.Protocol):
         "_transport",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, served: Served | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._served = served if served is not None else Served()
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._head: tuple[bytes, bytes] | None = None  # (method, path) of the pending request
@@ -339,12 +394,21 @@ class UpstreamProtocol(asyncio.Protocol):
         if transport is None:
             return
         if method == b"POST" and path.endswith(b"/chat/completions"):
-            if _STREAM_TRUE.search(body):
+            served = self._served
+            if served.should_fail():
+                transport.write(RESP_UNAVAILABLE)
+            elif _STREAM_TRUE.search(body):
+                served.ok += 1
+                served.streams += 1
                 self._start_stream(bool(_INCLUDE_USAGE_TRUE.search(body)))
                 return
-            transport.write(RESP_COMPLETION)
+            else:
+                served.ok += 1
+                transport.write(RESP_COMPLETION)
         elif method == b"GET" and path.endswith(b"/models"):
             transport.write(RESP_MODELS)
+        elif method == b"GET" and path == b"/_bench/stats":
+            transport.write(self._served.stats_response())
         else:
             transport.write(RESP_NOT_FOUND)
         if self._close_after:
@@ -388,9 +452,10 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, parent: int, stop: asyncio.Ev
     loop.call_later(1.0, _watch_parent, loop, parent, stop)
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, served: Served | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(UpstreamProtocol, host, port, backlog=1024)
+    counts = served if served is not None else Served()
+    server = await loop.create_server(lambda: UpstreamProtocol(counts), host, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     sys.stdout.write(f"{bound}\n")
     sys.stdout.flush()
@@ -402,14 +467,34 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
     finally:
         server.close()
+        print(
+            f"fast_upstream: served {counts.ok} ok ({counts.streams} streamed), {counts.failed} "
+            f"failed with 503 (fail rate {counts.fail_rate:g})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help="fraction of chat completions answered with an OpenAI-style 503 (default 0)",
+    )
+    parser.add_argument(
+        "--fail-seed",
+        type=int,
+        default=None,
+        help="pick the failing requests with random.Random(SEED) (default: an evenly spread pattern)",
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port))
+    if not 0.0 <= args.fail_rate <= 1.0:
+        parser.error("--fail-rate must be in [0, 1]")
+    uvloop.run(serve(args.host, args.port, Served(args.fail_rate, args.fail_seed)))
     return 0
 
 

@@ -11,7 +11,8 @@ streams, the time to first chunk: the moment the first decoded body bytes contai
 ``data:`` arrive. A response counts as an error if the status is not 200, the connection
 breaks, it times out, or the body is not what an OpenAI client expects (a JSON object
 with ``choices``; for streams at least one ``data:`` event and a final
-``data: [DONE]``).
+``data: [DONE]``). From gateway responses it also collects the ``x-tollway-overhead-ms``,
+``x-tollway-attempts`` and ``x-tollway-deployment`` headers of the successful ones.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class RunResult:
     ttfc_ns: array[int]
     overhead_hdr_ms: list[float]
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    attempts: collections.Counter[int] = field(default_factory=collections.Counter)
+    """Successful responses by their ``x-tollway-attempts`` header (absent: not counted)."""
+    deployments: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Successful responses by their ``x-tollway-deployment`` header (absent: not counted)."""
 
     @property
     def error_count(self) -> int:
@@ -71,6 +76,11 @@ class RunResult:
     @property
     def rps(self) -> float:
         return self.ok_count / (self.elapsed_ns / 1e9) if self.elapsed_ns else 0.0
+
+    @property
+    def attempts_mean(self) -> float | None:
+        n = sum(self.attempts.values())
+        return sum(k * v for k, v in self.attempts.items()) / n if n else None
 
 
 # Parser states
@@ -93,6 +103,8 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.close_after = False
         self.overhead_hdr: float | None = None
+        self.attempts_hdr = -1
+        self.deployment_hdr: bytes | None = None
         self.lost: asyncio.Future[None] = run.loop.create_future()
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -141,6 +153,8 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.close_after = False
         self.overhead_hdr = None
+        self.attempts_hdr = -1
+        self.deployment_hdr = None
         self.body.clear()
         self.t0 = _perf_ns()
         self.transport.write(request)
@@ -244,11 +258,8 @@ class _Conn(asyncio.Protocol):
                 chunked = b"chunked" in value.lower()
             elif name == b"connection":
                 self.close_after = value.strip().lower() == b"close"
-            elif name == b"x-tollway-overhead-ms":
-                try:
-                    self.overhead_hdr = float(value)
-                except ValueError:
-                    pass
+            elif name.startswith(b"x-tollway-"):
+                self._tollway_header(name, value)
         if chunked:
             self.state = _CHUNK_SIZE
         elif length >= 0:
@@ -259,6 +270,17 @@ class _Conn(asyncio.Protocol):
         else:
             self.state = _BODY_EOF
             self.close_after = True
+
+    def _tollway_header(self, name: bytes, value: bytes) -> None:
+        try:
+            if name == b"x-tollway-overhead-ms":
+                self.overhead_hdr = float(value)
+            elif name == b"x-tollway-attempts":
+                self.attempts_hdr = int(value)
+            elif name == b"x-tollway-deployment":
+                self.deployment_hdr = value.strip()
+        except ValueError:
+            pass
 
     def _body(self, data: bytearray) -> None:
         self.body += data
@@ -307,6 +329,8 @@ class LoadRun:
         self.ttfcs: array[int] = array("q")
         self.overhead_hdr: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.deployments: collections.Counter[bytes] = collections.Counter()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.conns: set[_Conn] = set()
         self.reconnects = 0
@@ -327,6 +351,10 @@ class LoadRun:
             self.ttfcs.append(conn.ttfc)
         if conn.overhead_hdr is not None:
             self.overhead_hdr.append(conn.overhead_hdr)
+        if conn.attempts_hdr >= 0:
+            self.attempts[conn.attempts_hdr] += 1
+        if conn.deployment_hdr is not None:
+            self.deployments[conn.deployment_hdr] += 1
         self._finish_one()
         if not conn.close_after:
             self._next(conn)
@@ -432,6 +460,8 @@ class LoadRun:
             ttfc_ns=self.ttfcs,
             overhead_hdr_ms=self.overhead_hdr,
             errors=self.errors,
+            attempts=self.attempts,
+            deployments=collections.Counter({k.decode("latin-1"): v for k, v in self.deployments.items()}),
         )
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,11 +157,18 @@ class Child:
         return self.proc.returncode
 
 
-def start_upstream(cwd: Path, log_path: Path, timeout_s: float = 10.0) -> tuple[Child, int]:
-    """Start ``python -m bench.fast_upstream`` and read its port from its first stdout line."""
+def start_upstream(
+    cwd: Path,
+    log_path: Path,
+    timeout_s: float = 10.0,
+    args: Sequence[str] = (),
+    name: str = "upstream",
+) -> tuple[Child, int]:
+    """Start ``python -m bench.fast_upstream [args]`` and read its port from its first stdout
+    line."""
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fast_upstream", "--port", "0"],
+        [sys.executable, "-m", "bench.fast_upstream", "--port", "0", *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -168,7 +176,7 @@ def start_upstream(cwd: Path, log_path: Path, timeout_s: float = 10.0) -> tuple[
         start_new_session=True,
     )
     log.close()
-    child = Child("upstream", proc, log_path)
+    child = Child(name, proc, log_path)
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

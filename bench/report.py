@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.loadgen import RunResult
 
 DIRECT = "direct"
 CORE = "core"
+ROUTING_OK = "routing-ok"
+ROUTING_FAIL = "routing-fail"
+ROUTING_TOLERANCE = 0.20
+"""Issue 4: with one deployment failing, overhead and CPU per request within 20% of healthy."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Row:
     gateway_rss_mb: float | None = None
     store_cpu_s: float | None = None
     """CPU of an out-of-process store (the redis-server) during the measured phase."""
+    upstream_calls: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Chat completions each fake upstream answered during the measured phase: (200s, 503s)."""
 
     def per_req_ms(self, cpu_s: float | None) -> float | None:
         if cpu_s is None or self.result.requests <= 0:
@@ -119,7 +125,29 @@ COLUMNS = [
     "upstream CPU ms/req",
     "loadgen CPU ms/req",
     "gateway RSS MB",
+    "attempts mean (max)",
+    "served by deployment",
+    "upstream calls 200+503",
 ]
+
+
+def _attempts(r: RunResult) -> str:
+    mean = r.attempts_mean
+    return f"{mean:.3f} ({max(r.attempts)})" if mean is not None else "-"
+
+
+def _shares(r: RunResult) -> str:
+    """Successful responses by `x-tollway-deployment` (shown by provider: the part before /)."""
+    n = sum(r.deployments.values())
+    if not n:
+        return "-"
+    return " ".join(
+        f"{name.split('/', 1)[0]} {count / n:.1%}" for name, count in sorted(r.deployments.items())
+    )
+
+
+def _calls(row: Row) -> str:
+    return ", ".join(f"{k} {ok}+{failed}" for k, (ok, failed) in row.upstream_calls.items()) or "-"
 
 
 def render_table(rows: Sequence[Row]) -> str:
@@ -160,6 +188,9 @@ def render_table(rows: Sequence[Row]) -> str:
             _f(row.per_req_ms(row.upstream_cpu_s), 3),
             _f(row.per_req_ms(row.loadgen_cpu_s), 3),
             _f(row.gateway_rss_mb, 1),
+            _attempts(row.result),
+            _shares(row.result),
+            _calls(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -189,4 +220,65 @@ def target_summary(rows: Sequence[Row], targets: Mapping[str, float]) -> list[st
                 f"target {variant} <= {limit:g} ms gateway CPU/request: {verdict} "
                 f"(ms/req: {'; '.join(parts)})"
             )
+    return out
+
+
+def _change(v: float, base: float) -> float:
+    return (v - base) / base if base > 0 else math.inf
+
+
+def routing_summary(
+    rows: Sequence[Row],
+    healthy: str = ROUTING_OK,
+    failing: str = ROUTING_FAIL,
+    tolerance: float = ROUTING_TOLERANCE,
+) -> list[str]:
+    """One line per scenario run by both routing variants: (b) one deployment failing against
+    (a) both healthy. Judged: no client errors in (b), overhead p50 and gateway CPU per request
+    of (b) at most `tolerance` above (a)'s. Overhead p99, mean attempts and, when `core` ran, its
+    overhead p50 and CPU (one deployment on one upstream, as (b) is while its breaker is open)
+    are shown, not judged."""
+    by = {(r.scenario.name, r.variant): r for r in rows}
+    out: list[str] = []
+    for r in rows:
+        if r.variant != failing:
+            continue
+        name = r.scenario.name
+        ok, direct = by.get((name, healthy)), by.get((name, DIRECT))
+        if ok is None or direct is None:
+            continue
+        sb, sa, sd = Stats.of(r.result), Stats.of(ok.result), Stats.of(direct.result)
+        ob50, oa50 = sb.p50 - sd.p50, sa.p50 - sd.p50
+        ob99, oa99 = sb.p99 - sd.p99, sa.p99 - sd.p99
+        cb, ca = r.per_req_ms(r.gateway_cpu_s), ok.per_req_ms(ok.gateway_cpu_s)
+        d50 = _change(ob50, oa50)
+        dcpu = _change(cb, ca) if cb is not None and ca is not None else math.inf
+        missed = [
+            what
+            for what, bad in (
+                ("client errors", r.result.error_count > 0),
+                ("overhead p50", d50 > tolerance),
+                ("gateway CPU/request", dcpu > tolerance),
+            )
+            if bad
+        ]
+        verdict = f"MISSED ({', '.join(missed)})" if missed else "met"
+        fails = ", ".join(f"{k} {ok_}+{failed}" for k, (ok_, failed) in r.upstream_calls.items())
+        core = by.get((name, CORE))
+        core_text = ""
+        if core is not None:
+            cc = core.per_req_ms(core.gateway_cpu_s)
+            core_text = (
+                f"; {CORE} (one deployment): overhead p50 {Stats.of(core.result).p50 - sd.p50:.2f} ms, "
+                f"gateway CPU {_f(cc, 3)} ms/req"
+            )
+        out.append(
+            f"routing {name}: {failing} vs {healthy}: within {tolerance:.0%}: {verdict}: "
+            f"client errors {r.result.error_count} vs {ok.result.error_count}; "
+            f"overhead p50 {ob50:.2f} vs {oa50:.2f} ms ({d50:+.0%}); "
+            f"gateway CPU {_f(cb, 3)} vs {_f(ca, 3)} ms/req ({dcpu:+.0%}); "
+            f"overhead p99 {ob99:.2f} vs {oa99:.2f} ms (not judged); "
+            f"mean attempts {_attempts(r.result)} vs {_attempts(ok.result)}; "
+            f"upstream calls 200+503 in {failing}: {fails or '-'}{core_text}"
+        )
     return out

@@ -1,11 +1,15 @@
 """Tollway benchmark driver: ``python -m bench [--quick]``.
 
-Starts the fast fake upstream (``bench.fast_upstream``), a throwaway ``redis-server`` and one
-gateway process per variant (``python -m gateway serve`` with a generated config):
+Starts the fast fake upstream(s) (``bench.fast_upstream``), a throwaway ``redis-server`` and
+one gateway process per variant (``python -m gateway serve`` with a generated config):
 
 * ``core``: ``auth: {mode: none}``, no keys, limits or budgets (the gateway's own cost);
 * ``embedded``: keys + RPM/TPM limits + budgets on the embedded (SQLite) store;
-* ``redis``: the same on the Redis store.
+* ``redis``: the same on the Redis store;
+* ``routing-ok`` / ``routing-fail`` (``--variants routing``): core, but the model has two
+  deployments (weight 1 each) on two fake upstream processes, with the router's default
+  retry and breaker settings; in ``routing-fail`` the second upstream answers a fraction
+  (``--fail-rate``, default 0.5) of chat completions with a 503.
 
 For the access variants the bench creates a team and a key with budgets and limits through
 the admin API, large enough never to refuse, so every request goes through the admission
@@ -46,7 +50,17 @@ import yaml
 
 from bench import procs
 from bench.loadgen import build_request, run_load
-from bench.report import CORE, DIRECT, Row, Scenario, render_table, target_summary
+from bench.report import (
+    CORE,
+    DIRECT,
+    ROUTING_FAIL,
+    ROUTING_OK,
+    Row,
+    Scenario,
+    render_table,
+    routing_summary,
+    target_summary,
+)
 from gateway.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +73,20 @@ BODY = (
     b'"max_tokens":32}'
 )
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
+UPSTREAM_MODEL = "upstream-model"
 PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.6}
 BIG = 10**9  # RPM and TPM limits that are checked and counted but never reached
 BUDGET = {"limit_usd": 1e6, "period": "monthly"}
+
+MAIN = "up"
+"""The fake upstream of `direct` and of every single-deployment variant; also the first
+deployment of the routing variants (each fake upstream is a provider of that name)."""
+SPARE = "spare"
+"""A second healthy fake upstream: the other deployment of `routing-ok`."""
+FLAKY = "flaky"
+"""A fake upstream that fails `--fail-rate` of chat completions: the other deployment of
+`routing-fail`."""
+ROUTING = "routing"
 
 
 @dataclass(frozen=True)
@@ -74,26 +99,42 @@ class Variant:
     backend: Literal["embedded", "redis"]
     target_ms: float | None = None
     """Issue 3's target for gateway CPU per request (non-streaming)."""
+    upstreams: tuple[str, ...] = (MAIN,)
+    """The fake upstreams the model's deployments point at, weight 1 each, in this order."""
+    group: str | None = None
+    """A `--variants` name that selects this variant together with its siblings."""
 
 
 VARIANTS = [
     Variant(CORE, access=False, backend="embedded"),
     Variant("embedded", access=True, backend="embedded", target_ms=0.6),
     Variant("redis", access=True, backend="redis", target_ms=1.0),
+    Variant(ROUTING_OK, access=False, backend="embedded", upstreams=(MAIN, SPARE), group=ROUTING),
+    Variant(ROUTING_FAIL, access=False, backend="embedded", upstreams=(MAIN, FLAKY), group=ROUTING),
 ]
+_NOT_ROUTING = (CORE, "embedded", "redis")
 
 FULL = [
     Scenario("chat c=1", 1, 2000, False),
     Scenario("chat c=16", 16, 10000, False),
-    Scenario("chat c=64", 64, 10000, False),
+    Scenario("chat c=64", 64, 10000, False, variants=_NOT_ROUTING),
     Scenario("stream c=16", 16, 800, True),
 ]
 QUICK = [
     Scenario("chat c=1", 1, 200, False),
     Scenario("chat c=16", 16, 1000, False),
-    Scenario("chat c=64", 64, 1000, False),
+    Scenario("chat c=64", 64, 1000, False, variants=_NOT_ROUTING),
     Scenario("stream c=16", 16, 80, True),
 ]
+
+
+@dataclass
+class Upstream:
+    """One fake upstream process."""
+
+    name: str
+    child: procs.Child
+    port: int
 
 
 @dataclass
@@ -102,6 +143,8 @@ class Target:
 
     name: str
     port: int
+    upstreams: list[Upstream]
+    """The fake upstreams this target's requests reach (CPU and served counts are summed)."""
     variant: Variant | None = None
     gateway: procs.Child | None = None
     key: str | None = None
@@ -136,11 +179,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def gateway_config(
     variant: Variant,
     port: int,
-    upstream_port: int,
+    upstream_ports: dict[str, int],
     tmp: Path,
     redis_url: str | None,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
+    """One provider per fake upstream of the variant, named after it, and the model
+    `bench-model` with one deployment (weight 1) on each; router settings left at defaults."""
     store: dict[str, Any] = {"backend": "embedded", "path": str(tmp / f"{variant.name}.db")}
     if variant.backend == "redis":
         store = {"backend": "redis", "url": redis_url, "prefix": f"bench-{variant.name}:"}
@@ -150,20 +195,54 @@ def gateway_config(
         "admin": {"key": "${TOLLWAY_BENCH_ADMIN_KEY}"},
         "store": store,
         "providers": {
-            "up": {
+            name: {
                 "kind": "openai_compatible",
-                "api_base": f"http://{HOST}:{upstream_port}/v1",
+                "api_base": f"http://{HOST}:{upstream_ports[name]}/v1",
                 "api_key": "${TOLLWAY_BENCH_UPSTREAM_KEY}",
             }
+            for name in variant.upstreams
         },
         "models": {
             "bench-model": {
                 "price": dict(PRICE),
-                "deployments": [{"provider": "up", "model": "upstream-model"}],
+                "deployments": [
+                    {"provider": name, "model": UPSTREAM_MODEL, "weight": 1} for name in variant.upstreams
+                ],
             }
         },
     }
     return _merge(cfg, extra)
+
+
+def http_get(port: int, path: str, timeout_s: float = 5.0) -> bytes:
+    """A plain GET outside the measurement (upstream counters, /metrics)."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout_s) as resp:
+        body: bytes = resp.read()
+        return body
+
+
+Served = dict[str, tuple[int, int]]
+
+
+def served(upstreams: list[Upstream]) -> Served:
+    """Chat completions each fake upstream answered so far: (200s, 503s). An upstream that
+    does not answer is left out (its requests fail and show as errors anyway)."""
+    out: Served = {}
+    for u in upstreams:
+        try:
+            stats = orjson.loads(http_get(u.port, "/_bench/stats"))
+        except (OSError, ValueError):
+            continue
+        out[u.name] = (int(stats["ok"]), int(stats["failed"]))
+    return out
+
+
+def _served_diff(after: Served, before: Served) -> Served:
+    return {k: (v[0] - before[k][0], v[1] - before[k][1]) for k, v in after.items() if k in before}
+
+
+def _served_text(calls: Served) -> str:
+    return ", ".join(f"{k} {ok}+{failed}" for k, (ok, failed) in calls.items())
 
 
 def admin(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -265,7 +344,7 @@ def _diff(after: procs.CpuSample | None, before: procs.CpuSample | None) -> floa
     return after - before if after is not None and before is not None else None
 
 
-async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
+async def measure(scenario: Scenario, t: Target) -> Row:
     """Warm up, then run the scenario's bounded request count with CPU probes around it."""
     body = STREAM_BODY if scenario.stream else BODY
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -273,6 +352,7 @@ async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
         headers["Authorization"] = f"Bearer {t.key}"
     request = build_request("POST", HOST, t.port, CHAT_PATH, body, headers)
     timeout_s = 30.0
+    calls_w = served(t.upstreams)
     warm = await run_load(
         HOST,
         t.port,
@@ -285,9 +365,10 @@ async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
     if warm.error_count:
         log(f"  warmup errors: {dict(warm.errors)}")
     await asyncio.sleep(0.2)  # let the other processes settle before the probes
+    calls0 = served(t.upstreams)
     gw0 = _cpu_or_none(t.gateway)
     st0 = _pid_cpu(t.store_pid)
-    up0 = procs.tree_cpu(upstream.pid)
+    up0 = [procs.tree_cpu(u.child.pid) for u in t.upstreams]
     gc.collect()
     gc.disable()  # no collector pauses in the load generator while measuring
     try:
@@ -304,17 +385,19 @@ async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
         lg1 = procs.self_cpu_s()
     finally:
         gc.enable()
-    up1 = procs.tree_cpu(upstream.pid)
+    up1 = [procs.tree_cpu(u.child.pid) for u in t.upstreams]
     st1 = _pid_cpu(t.store_pid)
     gw1 = _cpu_or_none(t.gateway)
+    calls1 = served(t.upstreams)
     t.sent += warm.requests + result.requests
     row = Row(
         scenario=scenario,
         variant=t.name,
         result=result,
-        upstream_cpu_s=up1 - up0,
+        upstream_cpu_s=sum(a - b for a, b in zip(up1, up0, strict=True)),
         loadgen_cpu_s=lg1 - lg0,
         store_cpu_s=_diff(st1, st0),
+        upstream_calls=_served_diff(calls1, calls0),
     )
     if t.gateway is not None:
         row.gateway_cpu_s = _diff(gw1, gw0)
@@ -325,13 +408,13 @@ async def measure(scenario: Scenario, t: Target, upstream: procs.Child) -> Row:
         + (f"gateway CPU {cpu:.3f} ms/req, " if cpu is not None else "")
         + f"errors {result.error_count}"
         + (f" {dict(result.errors)}" if result.errors else "")
+        + f"; upstream 200+503: warmup {_served_text(_served_diff(calls0, calls_w))}, "
+        + f"measured {_served_text(row.upstream_calls)}"
     )
     return row
 
 
-async def run_all(
-    scenarios: list[Scenario], upstream: procs.Child, targets: list[Target], notes: list[str]
-) -> list[Row]:
+async def run_all(scenarios: list[Scenario], targets: list[Target], notes: list[str]) -> list[Row]:
     rows: list[Row] = []
     gone: set[str] = set()
     for sc in scenarios:
@@ -345,7 +428,7 @@ async def run_all(
                 log(f"gateway {t.name} is gone (exit code {code}):\n{t.gateway.log_tail()}")
                 gone.add(t.name)
                 continue
-            rows.append(await measure(sc, t, upstream))
+            rows.append(await measure(sc, t))
     return rows
 
 
@@ -375,6 +458,46 @@ def check_billing(t: Target, notes: list[str], wait_s: float = 6.0) -> None:
     )
 
 
+def routing_evidence(t: Target, notes: list[str]) -> None:
+    """After the run, for a multi-deployment gateway: its router metrics
+    (`tollway_upstream_attempts_total`, `tollway_breaker_state`) and breaker transitions from
+    its log, to read the measurements with."""
+    assert t.gateway is not None
+    try:
+        text = http_get(t.port, "/metrics").decode()
+    except OSError as e:
+        notes.append(f"{t.name}: could not read /metrics: {e}")
+        return
+    attempts: list[str] = []
+    states: list[str] = []
+    for line in text.splitlines():
+        for prefix, into in (
+            ("tollway_upstream_attempts_total{", attempts),
+            ("tollway_breaker_state{", states),
+        ):
+            if line.startswith(prefix):
+                labels, _, value = line[len(prefix) :].rpartition("} ")
+                into.append(f"{labels.replace(chr(34), '')} {float(value):g}")
+    notes.append(
+        f"{t.name} /metrics at the end: tollway_upstream_attempts_total: {'; '.join(attempts) or '-'}"
+        f"; tollway_breaker_state (0 closed, 1 half-open, 2 open): {'; '.join(states) or '-'}"
+    )
+    try:
+        log_text = t.gateway.log_path.read_text(errors="replace")
+    except OSError:
+        return
+    transitions = Counter[str]()
+    for line in log_text.splitlines():
+        if "circuit breaker of " in line:
+            what = line.split("circuit breaker of ", 1)[1]
+            transitions[what.replace("opened by another replica", "adopted open").strip()] += 1
+    if transitions:
+        notes.append(
+            f"{t.name} breaker transitions in its log: "
+            + "; ".join(f"{k}: {v}x" for k, v in sorted(transitions.items()))
+        )
+
+
 def _scan_log(child: procs.Child, notes: list[str]) -> None:
     try:
         text = child.log_path.read_text(errors="replace")
@@ -398,19 +521,23 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _variants(arg: str) -> list[Variant]:
-    names = [n.strip() for n in arg.split(",") if n.strip()]
-    known = {v.name: v for v in VARIANTS}
-    bad = [n for n in names if n not in known]
+    names = {n.strip() for n in arg.split(",") if n.strip()}
+    known = {v.name for v in VARIANTS} | {v.group for v in VARIANTS if v.group}
+    bad = sorted(names - known)
     if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown variant(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
+        groups = {v.group: [w.name for w in VARIANTS if w.group == v.group] for v in VARIANTS if v.group}
+        choices = ", ".join(
+            [v.name for v in VARIANTS if not v.group] + [f"{g} (= {'+'.join(m)})" for g, m in groups.items()]
         )
-    return [v for v in VARIANTS if v.name in names]
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(bad) or '(none)'}; choose from {choices}"
+        )
+    return [v for v in VARIANTS if v.name in names or v.group in names]
 
 
 def start_gateways(
     variants: list[Variant],
-    upstream_port: int,
+    upstreams: dict[str, Upstream],
     tmp: Path,
     redis: RedisServer | None,
     extra: dict[str, Any],
@@ -432,13 +559,15 @@ def start_gateways(
         port = free_port()
         cfg_path = tmp / f"tollway-{v.name}.yaml"
         redis_url = redis.url if redis is not None else None
-        cfg = gateway_config(v, port, upstream_port, tmp, redis_url, extra)
+        ports = {name: u.port for name, u in upstreams.items()}
+        cfg = gateway_config(v, port, ports, tmp, redis_url, extra)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         child = procs.start_gateway(ROOT, cfg_path, env, tmp / f"gateway-{v.name}.log")
         child.name = f"gateway {v.name}"
         children.append(child)
         store_pid = redis.pid if v.backend == "redis" and redis is not None else None
-        started.append(Target(v.name, port, v, child, store_pid=store_pid))
+        target_ups = [upstreams[name] for name in v.upstreams]
+        started.append(Target(v.name, port, target_ups, v, child, store_pid=store_pid))
         log(f"gateway {v.name}: pid {child.pid} on port {port}, config {cfg_path}")
     usable: list[Target] = []
     for t in started:
@@ -470,7 +599,17 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         type=_variants,
         default=VARIANTS,
-        help="comma-separated gateway variants to run (default: core,embedded,redis)",
+        help="comma-separated gateway variants to run: core, embedded, redis, routing "
+        "(= routing-ok + routing-fail), or one of those two (default: all)",
+    )
+    parser.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.5,
+        help="share of chat completions the failing upstream of routing-fail answers with 503 (default 0.5)",
+    )
+    parser.add_argument(
+        "--fail-seed", type=int, default=1, help="seed of the failing upstream's draws (default 1)"
     )
     parser.add_argument("--direct-only", action="store_true", help="do not start any gateway")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
@@ -486,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if not 0 < args.scale <= 100:
         parser.error("--scale must be in (0, 100]")
+    if not 0 <= args.fail_rate <= 1:
+        parser.error("--fail-rate must be in [0, 1]")
     scenarios = [
         dataclasses.replace(sc, requests=max(sc.concurrency, round(sc.requests * args.scale)))
         for sc in (QUICK if args.quick else FULL)
@@ -493,14 +634,25 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
     keep = args.keep_logs
     notes: list[str] = []
-    upstream: procs.Child | None = None
+    upstreams: dict[str, Upstream] = {}
     redis: RedisServer | None = None
     children: list[procs.Child] = []
     t_start = time.monotonic()
+    upstream_args: dict[str, list[str]] = {
+        MAIN: [],
+        SPARE: [],
+        FLAKY: ["--fail-rate", str(args.fail_rate), "--fail-seed", str(args.fail_seed)],
+    }
     try:
-        upstream, upstream_port = procs.start_upstream(ROOT, tmp / "upstream.log")
-        log(f"fake upstream pid {upstream.pid} on port {upstream_port}")
-        direct = Target(DIRECT, upstream_port)
+        for name in [MAIN, *sorted({u for v in variants for u in v.upstreams} - {MAIN})]:
+            log_name = "upstream.log" if name == MAIN else f"upstream-{name}.log"
+            child, port = procs.start_upstream(
+                ROOT, tmp / log_name, args=upstream_args[name], name=f"upstream {name}"
+            )
+            upstreams[name] = Upstream(name, child, port)
+            extra_args = " ".join(upstream_args[name])
+            log(f"fake upstream {name}: pid {child.pid} on port {port} {extra_args}".rstrip())
+        direct = Target(DIRECT, upstreams[MAIN].port, [upstreams[MAIN]])
         if not check_target(direct, notes):
             log("the fake upstream failed its probe; giving up")
             keep = True
@@ -514,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"redis variant not measured: {e}")
                 log(f"redis-server did not start: {e}")
                 redis = None
-        gateways, failed = start_gateways(variants, upstream_port, tmp, redis, extra, notes, children)
-        rows = uvloop.run(run_all(scenarios, upstream, [direct, *gateways], notes))
+        gateways, failed = start_gateways(variants, upstreams, tmp, redis, extra, notes, children)
+        rows = uvloop.run(run_all(scenarios, [direct, *gateways], notes))
         for t in gateways:
             assert t.gateway is not None
             if not t.gateway.alive():
@@ -527,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
                 keep = True
                 continue
             check_billing(t, notes)
+            if t.variant is not None and len(t.variant.upstreams) > 1:
+                routing_evidence(t, notes)
+        if len(upstreams) > 1:
+            totals = served(list(upstreams.values()))
+            notes.append(f"fake upstreams, whole run, chat completions 200+503: {_served_text(totals)}")
         for t in gateways:
             assert t.gateway is not None
             _scan_log(t.gateway, notes)
@@ -538,12 +695,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{f' (scale {args.scale:g})' if args.scale != 1 else ''}"
             f", {time.monotonic() - t_start:.0f} s"
             "; latencies in ms, CPU per request in ms; variants: core = keys/limits/budgets off, "
-            "embedded / redis = keys + RPM/TPM limits + key and team budgets on that store\n"
+            "embedded / redis = keys + RPM/TPM limits + key and team budgets on that store"
+            + (
+                f"; routing-ok / routing-fail = core with two deployments (weight 1) on upstreams "
+                f"{MAIN} + {SPARE} / {MAIN} + {FLAKY}, {FLAKY} failing {args.fail_rate:.0%} with 503"
+                if any(v.group == ROUTING for v in variants)
+                else ""
+            )
+            + "\n"
         )
         print(render_table(rows))
         print()
         targets_ms = {v.name: v.target_ms for v in variants if v.target_ms is not None}
         for line in target_summary(rows, targets_ms):
+            print(f"- {line}")
+        for line in routing_summary(rows):
             print(f"- {line}")
         for r in rows:
             if r.result.errors:
@@ -557,10 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        for child in [*reversed(children), upstream]:
-            if child is not None:
-                code = child.stop()
-                log(f"stopped {child.name} (pid {child.pid}, exit code {code})")
+        for child in [*reversed(children), *(u.child for u in upstreams.values())]:
+            code = child.stop()
+            log(f"stopped {child.name} (pid {child.pid}, exit code {code})")
         if redis is not None:
             pid = redis.pid
             redis.stop()  # by its PID: SIGTERM, then SIGKILL after 5 s
