@@ -1,0 +1,1 @@
+"""Response caching: request keys, replay of cached answers, the semantic cache embedder."""
