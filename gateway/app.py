@@ -16,6 +16,7 @@ from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS, STORE
 from gateway.api.openai_routes import OpenAIRoutes
 from gateway.pipeline import Pipeline, Plugin
 from gateway.plugins.access import AccessPlugin
+from gateway.plugins.exact_cache import ExactCachePlugin
 from gateway.plugins.metrics import MetricsPlugin
 from gateway.pricing import ModelPrice, build_price_table
 from gateway.providers.base import Provider
@@ -45,6 +46,8 @@ def build_plugin(
 ) -> Plugin | None:
     if ref.name in ("access", "auth"):
         return AccessPlugin(settings, store, prices, registry)
+    if ref.name == "exact_cache":
+        return ExactCachePlugin(settings, store, registry)
     if ref.name == "metrics":
         return MetricsPlugin(registry) if settings.metrics.enabled else None
     if ref.name is not None:
@@ -76,6 +79,9 @@ def create_app(settings: Settings) -> web.Application:
     ]
     if not any(isinstance(p, AccessPlugin) for p in plugins):
         raise ConfigError("plugins: the access plugin (keys, limits, budgets) must be in the list")
+    names = [p.name for p in plugins]
+    if "exact_cache" in names and names.index("exact_cache") < names.index(AccessPlugin.name):
+        raise ConfigError("plugins: exact_cache must come after access (hits pass limits and budgets)")
     pipeline = Pipeline(plugins)
 
     app = web.Application(

@@ -176,7 +176,41 @@ class PriceSettings(Strict):
         return self
 
 
+class ModelCacheSettings(Strict):
+    """Per-model exact-cache overrides (`models.NAME.cache`); unset fields follow `cache:`."""
+
+    enabled: bool | None = None
+    """None: follow `cache.enabled`; False never caches this model; True caches it even when
+    the cache is disabled by default."""
+    ttl_s: float | None = Field(None, gt=0)
+    """Lifetime of this model's entries (None: `cache.default_ttl_s`)."""
+    allow_temperature: bool = False
+    """Cache requests that sample (temperature > 0, or no temperature: the API default is 1)."""
+    allow_n: bool = False
+    """Cache requests asking for several choices (n > 1)."""
+    allow_tools: bool = False
+    """Cache requests that offer tools (their answers may be tool calls with side effects)."""
+
+
+class CacheSettings(Strict):
+    """The exact response cache (plugin `exact_cache`).
+
+    Entries live in the store, partitioned per team: a team only ever reads its own answers,
+    unless `shared_partition` puts every team in one partition (only for gateways whose teams
+    may see each other's answers)."""
+
+    enabled: bool = True
+    default_ttl_s: float = Field(3600.0, gt=0)
+    shared_partition: bool = False
+    max_entry_bytes: int = Field(1024 * 1024, ge=1024)
+    """Responses larger than this (as stored JSON) are not cached."""
+    coalesce_wait_s: float = Field(30.0, ge=0)
+    """How long identical in-flight misses wait for the first one's answer before calling the
+    upstream themselves (0: no coalescing)."""
+
+
 class ModelSettings(Strict):
+    cache: ModelCacheSettings = Field(default_factory=ModelCacheSettings)
     deployments: list[DeploymentSettings] = Field(min_length=1)
     owned_by: str = "tollway"
     price: PriceSettings | None = None
@@ -276,8 +310,12 @@ class Settings(Strict):
     providers: dict[str, ProviderSettings] = Field(min_length=1)
     models: dict[str, ModelSettings] = Field(min_length=1)
     plugins: list[PluginRef] = Field(
-        default_factory=lambda: [PluginRef(name="metrics"), PluginRef(name="access")]
+        default_factory=lambda: [
+            PluginRef(name="metrics"), PluginRef(name="access"), PluginRef(name="exact_cache")
+        ]
     )
+    """Order matters: exact_cache after access, so cache hits still pass auth, limits and budgets."""
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)

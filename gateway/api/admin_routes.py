@@ -85,6 +85,8 @@ class AdminRoutes:
         r.add_post("/admin/keys/{id}/rotate", self.rotate_key)
         r.add_get("/admin/keys/{id}/budget", self.key_budget)
         r.add_get("/admin/spend", self.spend)
+        r.add_delete("/admin/cache", self.cache_purge)
+        r.add_get("/admin/cache/stats", self.cache_stats)
         r.add_get("/v1/budget", self.own_budget)
         r.add_get("/budget", self.own_budget)
 
@@ -308,6 +310,24 @@ class AdminRoutes:
         )
         return _json(out)
 
+    # ---- response cache ----------------------------------------------------------------------
+
+    async def cache_purge(self, request: web.Request) -> web.Response:
+        """Delete cached answers of a team (its partition; "shared" for the shared one) and/or
+        a model; with neither, all of them."""
+        self._authorize(request)
+        q = request.query
+        team, model = q.get("team_id") or None, q.get("model") or None
+        deleted = await self.store.cache_purge(team, model)
+        return _json({"deleted": deleted, "team_id": team, "model": model})
+
+    async def cache_stats(self, request: web.Request) -> web.Response:
+        """Per team: live entries and their bytes (by partition), hits and misses (by caller)."""
+        self._authorize(request)
+        team = request.query.get("team_id") or None
+        stats = await self.store.cache_stats(team)
+        return _json({"teams": {t: s.to_json() for t, s in sorted(stats.items())}})
+
     # ---- OpenAPI -----------------------------------------------------------------------------
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -387,6 +407,13 @@ def openapi_document() -> dict[str, Any]:
         "/admin/keys/{id}/budget": {"get": op("A key's budget", "BudgetOut", params=pid)},
         "/admin/spend": {"get": op("Spend grouped over a date range", "SpendOut",
                                    params=spend_params)},
+        "/admin/cache": {"delete": op("Purge cached answers by team and/or model", None, params=[
+            {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+            for n in ("team_id", "model")
+        ])},
+        "/admin/cache/stats": {"get": op("Cache entries, bytes, hits and misses per team", None,
+                                         params=[{"name": "team_id", "in": "query",
+                                                  "schema": {"type": "string"}}])},
     }
     return {
         "openapi": "3.1.0",

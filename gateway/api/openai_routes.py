@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.api.errors import incoming_request_id
 from gateway.api.keys import CTX, PIPELINE, ROUTER, SETTINGS
-from gateway.api.streaming import relay_stream
+from gateway.api.streaming import CAPTURE, relay_stream
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.pipeline import Pipeline, RequestContext, ShortCircuit, Usage
 from gateway.pipeline.context import Endpoint
@@ -109,6 +109,9 @@ class OpenAIRoutes:
             ctx.upstream_s = time.perf_counter() - t0
         ctx.usage = Usage.from_openai(reply.parsed.get("usage"))
         ctx.status = reply.status
+        capture = ctx.state.get(CAPTURE)
+        if capture is not None:
+            capture.append(reply.body)
         overhead = ctx.elapsed() - ctx.upstream_s
         ctx.overhead_s = overhead
         headers = {

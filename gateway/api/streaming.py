@@ -18,6 +18,11 @@ log = logging.getLogger("tollway.stream")
 
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
+CAPTURE = "response.capture"
+"""A plugin that puts a list under `ctx.state[CAPTURE]` gets the upstream's response bytes
+appended to it (a stream's raw SSE bytes, usage chunk included; a non-streamed body), e.g. the
+exact cache, which stores complete answers. Raw pass-through stays on."""
+
 
 class _Downstream:
     """The client side of one stream: commits headers lazily and sends keep-alives when idle."""
@@ -135,11 +140,14 @@ async def relay_stream(
     )
     down = _Downstream(request, ctx, t_upstream, keepalive_s)
     failure: GatewayError | None = None
+    capture: list[bytes] | None = ctx.state.get(CAPTURE)
     try:
         try:
             async for data in upstream:
                 if down.t_first_upstream is None:
                     down.t_first_upstream = time.perf_counter()
+                if capture is not None:
+                    capture.append(data)
                 out = relay.feed(data)
                 if out:
                     await down.write(out)

@@ -212,6 +212,17 @@ class SpendRow:
 GroupBy = Literal["team", "key", "model", "day"]
 
 
+@dataclass(slots=True)
+class CacheStats:
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"entries": self.entries, "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
+
+
 class StoreUnavailable(Exception):
     """The backend cannot be reached; callers apply the configured failure policy."""
 
@@ -300,6 +311,20 @@ class Store(Protocol):
         """The breakers among `names` published open until after `now_unix`: name -> open-until
         (UNIX seconds). One round trip on Redis."""
 
-    # ---- small KV (alert flags, caches later) ------------------------------------------------
+    # ---- small KV (alert flags) ---------------------------------------------------------------
     async def set_once(self, key: str, ttl_s: float | None) -> bool:
         """Set `key` if absent; True if this call set it."""
+
+    # ---- response cache ------------------------------------------------------------------------
+    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
+        """The live entry `key`, or None. With `team`, counts a hit or a miss for that team."""
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
+        """Store (or replace) `key` for `ttl_s` seconds, indexed under `team` (the partition) and
+        `model` for purge and stats. Embedded: bounded in size, oldest entries evicted first."""
+
+    async def cache_purge(self, team: str | None = None, model: str | None = None) -> int:
+        """Delete the entries of `team` and/or `model` (both None: all); returns how many."""
+
+    async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
+        """Per team (or only `team`): live entries, their bytes, hits and misses counted."""

@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from gateway.store.base import (
     Admission,
     AdmitResult,
     BudgetState,
+    CacheStats,
     GroupBy,
     KeyRecord,
     Scope,
@@ -103,6 +105,14 @@ class _Limiter:
     tokens: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True, frozen=True)
+class _CacheEntry:
+    value: bytes
+    expiry: float
+    team: str
+    model: str
+
+
 def _count(win: dict[int, int], w: int, value: int) -> None:
     if w not in win:
         for old in [k for k in win if k < w - 1]:
@@ -114,7 +124,9 @@ class EmbeddedStore:
     """The default Store: no other server needed. Records returned by `admit` are shared with the
     store's memory and must be treated as read-only; `get_*`/`list_*` return detached copies."""
 
-    def __init__(self, path: str | Path, flush_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, path: str | Path, flush_interval_s: float = 1.0, cache_max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self._path = Path(path)
         self._interval = flush_interval_s
         self._executor: ThreadPoolExecutor | None = None
@@ -135,6 +147,10 @@ class EmbeddedStore:
         self._max_now = 0.0
         self._limiters: dict[str, _Limiter] = {}
         self._breakers: dict[str, float] = {}
+        self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_max_bytes = cache_max_bytes
+        self._cache_counts: dict[str, list[int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -448,6 +464,57 @@ class EmbeddedStore:
             raise
         return True
 
+    # ---- response cache (memory only: a restart empties it) -----------------------------------
+
+    def _cache_drop(self, key: str) -> None:
+        e = self._cache.pop(key, None)
+        if e is not None:
+            self._cache_bytes -= len(e.value)
+
+    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
+        e = self._cache.get(key)
+        if e is not None and e.expiry <= time.time():
+            self._cache_drop(key)
+            e = None
+        if e is not None:
+            self._cache.move_to_end(key)  # least recently used goes first
+        if team is not None:
+            self._cache_counts.setdefault(team, [0, 0])[0 if e is not None else 1] += 1
+        return None if e is None else e.value
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
+        self._cache_drop(key)
+        if len(value) > self._cache_max_bytes:
+            return
+        self._cache[key] = _CacheEntry(value, time.time() + ttl_s, team, model)
+        self._cache_bytes += len(value)
+        while self._cache_bytes > self._cache_max_bytes:
+            self._cache_drop(next(iter(self._cache)))
+
+    async def cache_purge(self, team: str | None = None, model: str | None = None) -> int:
+        doomed = [
+            k for k, e in self._cache.items()
+            if (team is None or e.team == team) and (model is None or e.model == model)
+        ]
+        for k in doomed:
+            self._cache_drop(k)
+        return len(doomed)
+
+    async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
+        now = time.time()
+        out: dict[str, CacheStats] = {}
+        for t, (hits, misses) in self._cache_counts.items():
+            if team is None or t == team:
+                out[t] = CacheStats(hits=hits, misses=misses)
+        for k in [k for k, e in self._cache.items() if e.expiry <= now]:
+            self._cache_drop(k)
+        for e in self._cache.values():
+            if team is None or e.team == team:
+                st = out.setdefault(e.team, CacheStats())
+                st.entries += 1
+                st.bytes += len(e.value)
+        return out
+
     # ---- background flush ----------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
@@ -501,6 +568,8 @@ class EmbeddedStore:
         wall = time.time()
         for name in [n for n, until in self._breakers.items() if until <= wall]:
             del self._breakers[name]
+        for ck in [ck for ck, e in self._cache.items() if e.expiry <= wall]:
+            self._cache_drop(ck)
 
     # ---- SQLite (runs on the store's own thread) -----------------------------------------------
 

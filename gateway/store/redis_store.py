@@ -30,6 +30,7 @@ from gateway.store.base import (
     Admission,
     AdmitResult,
     BudgetState,
+    CacheStats,
     GroupBy,
     KeyRecord,
     Scope,
@@ -457,3 +458,90 @@ class RedisStore:
         with _unavailable:
             return bool(await self._redis().set(self._p + "once:" + key, b"1", nx=True, px=px))
 
+
+    # ---- response cache ------------------------------------------------------------------------
+    # Entries: `c:<key>` (SET PX). Index: the set `ci:<team>\x1f<model>` of keys, and the set
+    # `cix` of those index names. Counters: the hash `cn:<team>` (h, m). Entries expire by
+    # themselves; index members of expired entries are pruned by stats and purge.
+
+    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
+        with _unavailable:
+            if team is None:
+                raw: Any = await self._redis().get(self._p + "c:" + key)
+                return None if raw is None else bytes(raw)
+            async with self._redis().pipeline(transaction=False) as pipe:
+                pipe.get(self._p + "c:" + key)
+                res = await pipe.execute()
+                value: Any = res[0]
+                pipe.hincrby(self._p + "cn:" + team, "h" if value is not None else "m", 1)
+                await pipe.execute()
+            return None if value is None else bytes(value)
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
+        index = self._p + "ci:" + team + _SEP + model
+        with _unavailable:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                pipe.set(self._p + "c:" + key, value, px=max(1, round(ttl_s * 1000)))
+                pipe.sadd(index, key)
+                pipe.sadd(self._p + "cix", team + _SEP + model)
+                await pipe.execute()
+
+    async def _cache_indexes(self, team: str | None, model: str | None) -> list[tuple[str, str]]:
+        """The (team, model) indexes matching the filters."""
+        names: Any = await self._redis().smembers(self._p + "cix")
+        out = []
+        for n in names:
+            t, _, mdl = n.decode().partition(_SEP)
+            if (team is None or t == team) and (model is None or mdl == model):
+                out.append((t, mdl))
+        return out
+
+    async def cache_purge(self, team: str | None = None, model: str | None = None) -> int:
+        r = self._redis()
+        n = 0
+        with _unavailable:
+            for t, mdl in await self._cache_indexes(team, model):
+                index = self._p + "ci:" + t + _SEP + mdl
+                keys: Any = await r.smembers(index)
+                if keys:
+                    n += int(await r.unlink(*[self._p + "c:" + k.decode() for k in keys]))
+                async with r.pipeline(transaction=False) as pipe:
+                    pipe.unlink(index)
+                    pipe.srem(self._p + "cix", t + _SEP + mdl)
+                    await pipe.execute()
+        return n
+
+    async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
+        r = self._redis()
+        out: dict[str, CacheStats] = {}
+        with _unavailable:
+            for t, mdl in await self._cache_indexes(team, None):
+                index = self._p + "ci:" + t + _SEP + mdl
+                members: Any = await r.smembers(index)
+                keys = sorted(members)
+                if not keys:
+                    continue
+                async with r.pipeline(transaction=False) as pipe:
+                    for k in keys:
+                        pipe.strlen(self._p + "c:" + k.decode())
+                    sizes: list[int] = await pipe.execute()
+                st = out.setdefault(t, CacheStats())
+                gone = [k for k, size in zip(keys, sizes, strict=True) if not size]
+                st.entries += len(keys) - len(gone)
+                st.bytes += sum(sizes)
+                if gone:
+                    await r.srem(index, *gone)
+            if team is not None:
+                teams = [team]
+            else:
+                teams = [
+                    k.decode()[len(self._p) + 3:]
+                    async for k in r.scan_iter(match=self._p + "cn:*", count=1000)
+                ]
+            for t in teams:
+                counts: Any = await r.hgetall(self._p + "cn:" + t)
+                if counts:
+                    st = out.setdefault(t, CacheStats())
+                    st.hits = int(counts.get(b"h", 0))
+                    st.misses = int(counts.get(b"m", 0))
+        return out

@@ -1,0 +1,247 @@
+"""exact_cache plugin: answers repeated identical requests from the store, per team partition.
+
+Order: after `access`, so a hit has passed auth, rate limits and budget checks, and is billed
+(as `hit-exact`, at `budgets.cache_hit_cost_fraction` of its price) by access's on_response.
+
+- on_request: computes the key (gateway.cache.keys), reads the store and answers a hit with a
+  ShortCircuit: the stored chat.completion / text_completion body, or, for a streaming request,
+  a replay of it as OpenAI SSE chunks (role, content, finish, usage, [DONE]). A miss asks the
+  relay to capture the upstream's bytes (`ctx.state[CAPTURE]`).
+- on_response: stores complete successful answers (200, every choice finished with stop, length
+  or tool_calls, usage present); a stream is assembled from its captured SSE bytes once it
+  ended with [DONE]. The store write runs in the background, off the response path.
+- Coalescing: while one request for a key is in flight (the leader), identical requests wait
+  up to `cache.coalesce_wait_s` for its answer and are served it as a hit; if the leader fails
+  (or the wait ends) they go to the upstream themselves. Streams too: a waiter gets the replay
+  once the leader's stream completed (so its first byte comes when the leader's last did).
+  Coalescing is per gateway process (replicas do not wait for each other).
+- Every chat/completions response carries `x-tollway-cache: hit-exact | miss | bypass`
+  (`bypass`: not cacheable, cache disabled, embeddings, or Cache-Control: no-cache, no-store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from gateway.api.streaming import CAPTURE
+from gateway.cache.keys import SHARED_PARTITION, cache_key, cacheability
+from gateway.cache.replay import ReplayStream, assemble, is_complete, stream_events
+from gateway.pipeline import Plugin, RequestContext, ShortCircuit, Usage
+from gateway.settings import Settings
+from gateway.store.base import Store, StoreUnavailable
+
+log = logging.getLogger("tollway.cache")
+
+CACHEABLE_ENDPOINTS = frozenset({"chat", "completions"})
+_LOOKUP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+HEADER = "x-tollway-cache"
+STATUS = "cache.status"
+_KEY = "cache.key"
+_LEADER = "cache.leader"
+_WRITE = "cache.write"
+
+
+_RAW_FACTOR = 16
+"""Captured upstream bytes are bounded at this many times `max_entry_bytes` (SSE framing and
+per-chunk JSON make a stream several times larger than the answer it carries)."""
+
+
+class _Capture(list[bytes]):
+    """The upstream bytes of one miss (`ctx.state[CAPTURE]`); past `limit` it drops them all
+    and stays empty (the answer is too large to cache)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.size = 0
+        self.overflow = False
+
+    def append(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.overflow = True
+            self.clear()
+            return
+        super().append(data)
+
+
+class ExactCachePlugin(Plugin):
+    name = "exact_cache"
+    fail_open = True
+    """A broken cache must never fail a request: it is served from the upstream instead."""
+
+    def __init__(self, settings: Settings, store: Store, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.cache = settings.cache
+        self.store = store
+        self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self.hits = Counter(
+            "tollway_cache_hits", "Requests answered from the cache, by kind (exact, semantic)",
+            ["kind"], registry=registry,
+        )
+        self.misses = Counter(
+            "tollway_cache_misses", "Cacheable requests not found in the cache", registry=registry
+        )
+        self.lookup = Histogram(
+            "tollway_cache_lookup_seconds", "Time to look a request up in the exact cache",
+            buckets=_LOOKUP_BUCKETS, registry=registry,
+        )
+        self._hit_exact = self.hits.labels("exact")
+
+    # ---- request ------------------------------------------------------------------------------
+
+    def _set_status(self, ctx: RequestContext, status: str) -> None:
+        ctx.state[STATUS] = status
+        if ctx.response_headers is None:
+            ctx.response_headers = {}
+        ctx.response_headers[HEADER] = status
+
+    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+        body, model = ctx.body, ctx.public_model
+        if body is None or model is None or ctx.endpoint not in CACHEABLE_ENDPOINTS:
+            self._set_status(ctx, "bypass")
+            return None
+        mc = self.settings.models[model].cache
+        enabled = self.cache.enabled if mc.enabled is None else mc.enabled
+        rule = cacheability(
+            body, allow_temperature=mc.allow_temperature, allow_n=mc.allow_n,
+            allow_tools=mc.allow_tools, cache_control_header=ctx.headers.get("Cache-Control"),
+        )
+        if not enabled or (not rule.read and not rule.write):
+            self._set_status(ctx, "bypass")
+            return None
+        team = ctx.principal.team if ctx.principal is not None else "default"
+        partition = SHARED_PARTITION if self.cache.shared_partition else team
+        key = cache_key(partition, model, ctx.endpoint, body)
+        ctx.state[_KEY] = key
+        if rule.read:
+            t0 = time.perf_counter()
+            try:
+                raw = await self.store.cache_get(key, team)
+            except StoreUnavailable:
+                log.warning("cache lookup failed: store unavailable; going to the upstream")
+                raw = None
+            self.lookup.observe(time.perf_counter() - t0)
+            if raw is None:
+                raw = await self._wait_for_leader(key)
+            if raw is not None:
+                sc = self._answer(ctx, raw)
+                if sc is not None:
+                    return sc
+            self.misses.inc()
+        self._set_status(ctx, "miss")
+        if rule.write:
+            ctx.state[_WRITE] = True
+            ctx.state[CAPTURE] = _Capture(self.cache.max_entry_bytes * _RAW_FACTOR)
+            wait = self.cache.coalesce_wait_s
+            if wait > 0 and key not in self._inflight:
+                fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+                self._inflight[key] = fut
+                ctx.state[_LEADER] = fut
+        return None
+
+    async def _wait_for_leader(self, key: str) -> bytes | None:
+        fut = self._inflight.get(key)
+        if fut is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.cache.coalesce_wait_s)
+        except TimeoutError:
+            return None
+
+    def _answer(self, ctx: RequestContext, raw: bytes) -> ShortCircuit | None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("cache entry %s is not JSON; ignored", ctx.state.get(_KEY))
+            return None
+        self._set_status(ctx, "hit-exact")
+        self._hit_exact.inc()
+        ctx.usage = Usage.from_openai(body.get("usage"))
+        if ctx.stream:
+            return ShortCircuit(stream=ReplayStream(stream_events(body, ctx.endpoint)))
+        return ShortCircuit(body=raw)
+
+    # ---- response -----------------------------------------------------------------------------
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        leader: asyncio.Future[bytes | None] | None = ctx.state.pop(_LEADER, None)
+        value: bytes | None = None
+        try:
+            if ctx.state.get(_WRITE) and ctx.status == 200 and ctx.error is None:
+                value = self._entry(ctx)
+            if value is not None:
+                key: str = ctx.state[_KEY]
+                task = asyncio.get_running_loop().create_task(self._put(ctx, key, value, leader))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+                leader = None  # resolved now, and forgotten once the entry is in the store
+        finally:
+            ctx.state.pop(CAPTURE, None)
+            if leader is not None:
+                self._release(ctx.state[_KEY], leader, None)
+
+    def _entry(self, ctx: RequestContext) -> bytes | None:
+        """The bytes to store for this response, or None when it must not be cached."""
+        captured: list[bytes] = ctx.state.get(CAPTURE) or []
+        raw = b"".join(captured)
+        if not raw:
+            return None
+        body: Any
+        if ctx.stream:
+            body = assemble(raw, ctx.endpoint)
+            if body is None:
+                return None
+        else:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+        if not isinstance(body, dict) or not is_complete(body):
+            return None
+        value = orjson.dumps(body) if ctx.stream else raw
+        if len(value) > self.cache.max_entry_bytes:
+            return None
+        return value
+
+    def _release(
+        self, key: str, leader: asyncio.Future[bytes | None], value: bytes | None
+    ) -> None:
+        if self._inflight.get(key) is leader:
+            del self._inflight[key]
+        if not leader.done():
+            leader.set_result(value)
+
+    async def _put(
+        self, ctx: RequestContext, key: str, value: bytes, leader: asyncio.Future[bytes | None] | None
+    ) -> None:
+        """Write the entry; until it is written, identical requests get it from the leader's
+        future (already resolved), so none of them misses in between."""
+        if leader is not None and not leader.done():
+            leader.set_result(value)
+        model = ctx.public_model or ""
+        ttl = self.settings.models[model].cache.ttl_s or self.cache.default_ttl_s
+        partition = key.split(":", 1)[0]
+        try:
+            await self.store.cache_put(key, value, ttl, partition, model)
+        except StoreUnavailable:
+            log.warning("cache write failed: store unavailable")
+        except Exception:
+            log.exception("cache write failed")
+        finally:
+            if leader is not None:
+                self._release(key, leader, value)
+
+    async def on_shutdown(self) -> None:
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)

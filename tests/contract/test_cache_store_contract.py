@@ -1,0 +1,71 @@
+"""The Store contract for the response cache (cache_get/put/purge/stats), on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from gateway.store.base import CacheStats, Store
+
+OpenStore = Callable[[], Awaitable[Store]]
+
+
+async def test_put_get_and_replace(store: Store) -> None:
+    assert await store.cache_get("t1:chat:k") is None
+    await store.cache_put("t1:chat:k", b'{"a":1}', 60, "t1", "m1")
+    assert await store.cache_get("t1:chat:k") == b'{"a":1}'
+    await store.cache_put("t1:chat:k", b'{"a":2}', 60, "t1", "m1")
+    assert await store.cache_get("t1:chat:k") == b'{"a":2}'
+    stats = await store.cache_stats("t1")
+    assert stats["t1"].entries == 1 and stats["t1"].bytes == len(b'{"a":2}')
+
+
+async def test_entries_expire(store: Store) -> None:
+    await store.cache_put("t1:chat:short", b"x" * 10, 0.2, "t1", "m1")
+    await store.cache_put("t1:chat:long", b"y" * 10, 60, "t1", "m1")
+    assert await store.cache_get("t1:chat:short") == b"x" * 10
+    await asyncio.sleep(0.35)
+    assert await store.cache_get("t1:chat:short") is None
+    assert await store.cache_get("t1:chat:long") == b"y" * 10
+    stats = await store.cache_stats()
+    assert stats["t1"].entries == 1 and stats["t1"].bytes == 10
+
+
+async def test_hits_and_misses_are_counted_per_team(store: Store) -> None:
+    await store.cache_put("t1:chat:k", b"v", 60, "t1", "m1")
+    assert await store.cache_get("t1:chat:k", "t1") == b"v"
+    assert await store.cache_get("t1:chat:k", "t1") == b"v"
+    assert await store.cache_get("t1:chat:nope", "t1") is None
+    assert await store.cache_get("t2:chat:nope", "t2") is None
+    assert await store.cache_get("t1:chat:k") == b"v"  # no team: not counted
+    stats = await store.cache_stats()
+    assert stats["t1"] == CacheStats(entries=1, bytes=1, hits=2, misses=1)
+    assert stats["t2"] == CacheStats(entries=0, bytes=0, hits=0, misses=1)
+    only = await store.cache_stats("t2")
+    assert set(only) == {"t2"}
+
+
+async def test_purge_by_team_model_or_all(store: Store) -> None:
+    for team in ("t1", "t2"):
+        for model in ("m1", "m2"):
+            await store.cache_put(f"{team}:chat:{model}", b"v", 60, team, model)
+    assert await store.cache_purge("t1", "m1") == 1
+    assert await store.cache_get("t1:chat:m1") is None
+    assert await store.cache_get("t1:chat:m2") == b"v"
+    assert await store.cache_purge(None, "m2") == 2
+    assert await store.cache_get("t2:chat:m2") is None
+    assert await store.cache_get("t2:chat:m1") == b"v"
+    assert await store.cache_purge("nobody", None) == 0
+    assert await store.cache_purge() == 1
+    stats = await store.cache_stats()
+    assert all(s.entries == 0 for s in stats.values())
+
+
+async def test_entries_are_visible_to_a_second_store_on_redis(
+    open_store: OpenStore, backend: str
+) -> None:
+    a = await open_store()
+    await a.cache_put("t1:chat:k", b"shared", 60, "t1", "m1")
+    if backend == "redis":  # embedded is one process: a second instance is another cache
+        b = await open_store()
+        assert await b.cache_get("t1:chat:k") == b"shared"
