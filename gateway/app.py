@@ -48,6 +48,8 @@ def build_plugin(
         return AccessPlugin(settings, store, prices, registry)
     if ref.name == "exact_cache":
         return ExactCachePlugin(settings, store, registry)
+    if ref.name == "semantic_cache":
+        raise ConfigError("plugins: semantic_cache must come after exact_cache")
     if ref.name == "metrics":
         return MetricsPlugin(registry) if settings.metrics.enabled else None
     if ref.name is not None:
@@ -72,11 +74,17 @@ def create_app(settings: Settings) -> web.Application:
     registry = CollectorRegistry(auto_describe=True)
     providers = {name: build_provider(name, p) for name, p in settings.providers.items()}
     router = Router(settings, providers, store, registry)
-    plugins = [
-        p
-        for ref in settings.plugins
-        if (p := build_plugin(ref, settings, store, prices, registry)) is not None
-    ]
+    plugins: list[Plugin] = []
+    for ref in settings.plugins:
+        if ref.name == "semantic_cache":
+            exact = next((p for p in plugins if isinstance(p, ExactCachePlugin)), None)
+            if exact is None:
+                raise ConfigError("plugins: semantic_cache must come after exact_cache")
+            from gateway.plugins.semantic_cache import SemanticCachePlugin  # late: numpy, faiss
+
+            plugins.append(SemanticCachePlugin(settings, store, registry, exact))
+        elif (p := build_plugin(ref, settings, store, prices, registry)) is not None:
+            plugins.append(p)
     if not any(isinstance(p, AccessPlugin) for p in plugins):
         raise ConfigError("plugins: the access plugin (keys, limits, budgets) must be in the list")
     names = [p.name for p in plugins]

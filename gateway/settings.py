@@ -190,6 +190,25 @@ class ModelCacheSettings(Strict):
     """Cache requests asking for several choices (n > 1)."""
     allow_tools: bool = False
     """Cache requests that offer tools (their answers may be tool calls with side effects)."""
+    semantic: bool | None = None
+    """None/True: the semantic cache (when its plugin is listed) serves this model; False: exact only."""
+    semantic_threshold: float | None = Field(None, gt=0, le=1)
+    """Cosine similarity a semantic hit needs for this model (None: `cache.semantic.threshold`)."""
+
+
+class SemanticCacheSettings(Strict):
+    """The semantic cache (plugin `semantic_cache`, opt-in: list it after `exact_cache`)."""
+
+    threshold: float = Field(0.85, gt=0, le=1)
+    """Default cosine similarity of the last user messages for a hit (per model: `semantic_threshold`)."""
+    index_dir: str | None = None
+    """Where the index is saved at shutdown and loaded at start (None: in memory only)."""
+    max_entries: int = Field(100_000, ge=1)
+    """Entries per gateway process; past it, new answers are not added to the index."""
+    candidates: int = Field(4, ge=1, le=64)
+    """Nearest neighbours checked against the guards per lookup."""
+    sync_interval_s: float = Field(0.5, gt=0)
+    """On Redis: how often a replica adds the entries other replicas indexed to its own index."""
 
 
 class CacheSettings(Strict):
@@ -207,6 +226,7 @@ class CacheSettings(Strict):
     coalesce_wait_s: float = Field(30.0, ge=0)
     """How long identical in-flight misses wait for the first one's answer before calling the
     upstream themselves (0: no coalescing)."""
+    semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
 
 
 class ModelSettings(Strict):

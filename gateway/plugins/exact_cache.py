@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -85,6 +86,8 @@ class ExactCachePlugin(Plugin):
         self.store = store
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self.stored_listeners: list[Callable[[RequestContext, str, bytes], None]] = []
+        """Called (on the event loop, must not block) with every entry about to be stored."""
         self.hits = Counter(
             "tollway_cache_hits", "Requests answered from the cache, by kind (exact, semantic)",
             ["kind"], registry=registry,
@@ -159,14 +162,15 @@ class ExactCachePlugin(Plugin):
         except TimeoutError:
             return None
 
-    def _answer(self, ctx: RequestContext, raw: bytes) -> ShortCircuit | None:
+    def _answer(self, ctx: RequestContext, raw: bytes, kind: str = "exact") -> ShortCircuit | None:
+        """Serve a stored entry (a hit of `kind`: exact, or semantic for the semantic cache)."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             log.warning("cache entry %s is not JSON; ignored", ctx.state.get(_KEY))
             return None
-        self._set_status(ctx, "hit-exact")
-        self._hit_exact.inc()
+        self._set_status(ctx, f"hit-{kind}")
+        (self._hit_exact if kind == "exact" else self.hits.labels(kind)).inc()
         ctx.usage = Usage.from_openai(body.get("usage"))
         if ctx.stream:
             return ShortCircuit(stream=ReplayStream(stream_events(body, ctx.endpoint)))
@@ -182,6 +186,11 @@ class ExactCachePlugin(Plugin):
                 value = self._entry(ctx)
             if value is not None:
                 key: str = ctx.state[_KEY]
+                for listener in self.stored_listeners:
+                    try:
+                        listener(ctx, key, value)
+                    except Exception:
+                        log.exception("cache store listener failed")
                 task = asyncio.get_running_loop().create_task(self._put(ctx, key, value, leader))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)

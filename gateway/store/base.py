@@ -328,3 +328,11 @@ class Store(Protocol):
 
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
         """Per team (or only `team`): live entries, their bytes, hits and misses counted."""
+
+    async def cache_feed_add(self, entry: bytes, max_len: int) -> None:
+        """Append `entry` to the feed the replicas read (the semantic cache's index entries), keeping
+        about the last `max_len`. Embedded: nothing (one process, whose cache dies with it)."""
+
+    async def cache_feed_read(self, cursor: str | None, count: int) -> tuple[list[bytes], str | None]:
+        """Up to `count` feed entries after `cursor` (None: from the oldest kept), and the cursor to
+        pass next time. Embedded: always empty."""

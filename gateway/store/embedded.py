@@ -500,6 +500,12 @@ class EmbeddedStore:
             self._cache_drop(k)
         return len(doomed)
 
+    async def cache_feed_add(self, entry: bytes, max_len: int) -> None:
+        return None  # one process: its own index already has the entry
+
+    async def cache_feed_read(self, cursor: str | None, count: int) -> tuple[list[bytes], str | None]:
+        return [], cursor
+
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
         now = time.time()
         out: dict[str, CacheStats] = {}

@@ -511,6 +511,24 @@ class RedisStore:
                     await pipe.execute()
         return n
 
+    # The feed is the stream `cf` (field `e`), capped approximately at `max_len` entries.
+
+    async def cache_feed_add(self, entry: bytes, max_len: int) -> None:
+        with _unavailable:
+            await self._redis().xadd(self._p + "cf", {"e": entry}, maxlen=max_len, approximate=True)
+
+    async def cache_feed_read(self, cursor: str | None, count: int) -> tuple[list[bytes], str | None]:
+        start = "-" if cursor is None else "(" + cursor
+        with _unavailable:
+            rows: Any = await self._redis().xrange(self._p + "cf", min=start, max="+", count=count)
+        out: list[bytes] = []
+        for rid, fields in rows:
+            cursor = rid.decode() if isinstance(rid, bytes) else str(rid)
+            value = fields.get(b"e", fields.get("e"))
+            if value is not None:
+                out.append(bytes(value))
+        return out, cursor
+
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
         r = self._redis()
         out: dict[str, CacheStats] = {}

@@ -69,3 +69,19 @@ async def test_entries_are_visible_to_a_second_store_on_redis(
     if backend == "redis":  # embedded is one process: a second instance is another cache
         b = await open_store()
         assert await b.cache_get("t1:chat:k") == b"shared"
+
+
+async def test_feed_of_semantic_entries(store: Store) -> None:
+    """Redis: an ordered, capped feed read with a cursor. Embedded (one process): always empty."""
+    from gateway.store.redis_store import RedisStore
+
+    for i in range(5):
+        await store.cache_feed_add(b"e%d" % i, 1000)
+    entries, cursor = await store.cache_feed_read(None, 3)
+    if not isinstance(store, RedisStore):
+        assert entries == []
+        return
+    assert entries == [b"e0", b"e1", b"e2"] and cursor is not None
+    rest, cursor2 = await store.cache_feed_read(cursor, 100)
+    assert rest == [b"e3", b"e4"]
+    assert await store.cache_feed_read(cursor2, 100) == ([], cursor2)

@@ -1,0 +1,391 @@
+"""semantic_cache plugin: answers a paraphrase of an earlier question from the cache, per team.
+
+Opt-in (list `semantic_cache` in `plugins`, after `exact_cache`). It only acts on requests the exact
+cache looked up and missed (`ctx.state["cache.status"] == "miss"`), so it follows the exact cache's
+cacheability rules (temperature, n, tools, Cache-Control) and its per-team partitions.
+
+- Partition: team id (or "shared") + SHA-256 of the canonical request without the last user message's
+  content (system prompt, earlier turns, model, tools, sampling parameters...), so everything but the
+  last user message must match exactly; the FAISS index is separate per (partition, public model).
+- on_request: the last user message (plain text only) is embedded off the event loop; the embedding and
+  the index search of concurrent lookups share one worker call (`Embedder.embed_then`). Candidates at or
+  above the model's threshold must pass `guards.compatible(new, cached)` (numbers, units, quotes,
+  negation, direction, entities, languages); the first that does is served exactly like an exact hit
+  (stored body, or a replayed SSE stream) with `x-tollway-cache: hit-semantic` and
+  `x-tollway-cache-similarity`. A message longer than the embedding model's window is exact-only.
+- Writes: the exact cache tells this plugin about each entry it stores (`stored_listeners`); the prompt's
+  vector, its last user text and the entry's key are added to the index in the embedder's worker thread,
+  off the request path. The answer itself lives once, in the store, under the exact key (so purge and TTL
+  of the exact cache apply; an index entry whose body is gone is dropped on its next hit).
+- The embedding model loads in the worker thread in the background at startup; until it is loaded the
+  gateway serves exact-only (`/ready` shows `semantic_cache.embedder`).
+- `cache.semantic.index_dir`: the index is saved there at shutdown and loaded at startup.
+- Replicas on Redis: every entry indexed is also appended (with its vector, so nobody re-embeds it) to a
+  feed in the store (`Store.cache_feed_add`, a capped Redis stream); each replica reads the feed at start
+  (which also rebuilds its index after a restart) and then every `cache.semantic.sync_interval_s`, and adds
+  the other replicas' entries to its own index. The embedded store has no feed (one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.cache.embedder import Embedder
+from gateway.cache.guards import compatible
+from gateway.cache.index import SemanticIndex
+from gateway.cache.keys import SHARED_PARTITION, cache_control, canonical_request
+from gateway.pipeline import Plugin, RequestContext, ShortCircuit
+from gateway.plugins.exact_cache import STATUS, ExactCachePlugin
+from gateway.settings import Settings
+from gateway.store.base import Store, StoreUnavailable
+
+log = logging.getLogger("tollway.cache.semantic")
+
+SIMILARITY_HEADER = "x-tollway-cache-similarity"
+_SEM = "cache.semantic"
+"""ctx.state: (team, partition, model, last user text) of a request the semantic cache may index."""
+_VEC = "cache.semantic.vector"
+_LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_FEED_BATCH = 1000
+
+
+def encode_feed_entry(
+    replica: str,
+    partition: str,
+    model: str,
+    text: str,
+    key: str,
+    vec: npt.NDArray[np.float32],
+    expires: float,
+) -> bytes:
+    """One feed entry: a JSON header (no raw newline inside), a newline, the float32 vector's bytes."""
+    header = {"r": replica, "p": partition, "m": model, "t": text, "k": key, "x": expires}
+    return orjson.dumps(header) + b"\n" + np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def decode_feed_entry(raw: bytes, dim: int) -> tuple[dict[str, Any], npt.NDArray[np.float32]] | None:
+    head, sep, blob = raw.partition(b"\n")
+    if not sep or len(blob) != dim * 4:
+        return None
+    try:
+        header = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(header, dict):
+        return None
+    return header, np.frombuffer(blob, dtype=np.float32).copy()
+
+
+def last_user_text(body: dict[str, Any]) -> str | None:
+    """The text of the last message when it is a user message of plain text, else None."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content if content.strip() else None
+    if isinstance(content, list) and content:
+        parts: list[str] = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                return None  # images, audio, files: exact only
+            parts.append(part["text"])
+        text = "\n".join(parts)
+        return text if text.strip() else None
+    return None
+
+
+def prefix_digest(public_model: str, endpoint: str, body: dict[str, Any]) -> str:
+    """SHA-256 of the canonical request with the last message's content left out."""
+    messages = body["messages"]
+    last = {k: v for k, v in messages[-1].items() if k != "content"}
+    doc = {**body, "messages": [*messages[:-1], last]}
+    return hashlib.sha256(canonical_request(public_model, endpoint, doc)).hexdigest()
+
+
+class SemanticCachePlugin(Plugin):
+    name = "semantic_cache"
+    fail_open = True
+    """A broken semantic cache must never fail a request: it goes to the upstream instead."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: CollectorRegistry,
+        exact: ExactCachePlugin,
+        embedder: Embedder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.conf = settings.cache.semantic
+        self.store = store
+        self.exact = exact
+        self.batch_size = Histogram(
+            "tollway_cache_embedding_batch_size",
+            "Texts per embedding model call",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.lookup = Histogram(
+            "tollway_cache_semantic_lookup_seconds",
+            "Time to look a request up in the semantic cache (embedding included)",
+            buckets=_LOOKUP_BUCKETS,
+            registry=registry,
+        )
+        self.vetoes = Counter(
+            "tollway_cache_semantic_vetoes",
+            "Semantic candidates above the threshold refused by a guard",
+            ["reason"],
+            registry=registry,
+        )
+        self.index_size = Gauge(
+            "tollway_cache_semantic_index_entries", "Entries in the semantic index", registry=registry
+        )
+        self.embedder = embedder or Embedder(on_batch=self._on_batch)
+        self.index = SemanticIndex()
+        self._size = 0
+        """Entries in the index, as of the last change made in the worker thread: the index's own
+        size() takes its lock, which a search in the worker may hold for milliseconds."""
+        self.index_size.set_function(lambda: self._size)
+        self._load: asyncio.Task[None] | None = None
+        self._load_error: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._feed = settings.store.backend == "redis"
+        self._cursor: str | None = None
+        self.replica = uuid.uuid4().hex
+        exact.stored_listeners.append(self._on_stored)
+
+    def _on_batch(self, n: int, seconds: float) -> None:
+        self.batch_size.observe(n)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def on_startup(self, app: web.Application) -> None:
+        self._load = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        """Load the saved index and the model, both in the worker thread (the loop keeps serving)."""
+        if self.conf.index_dir:
+            try:
+                self.index = await self.embedder.run_in_worker(SemanticIndex.load, self.conf.index_dir)
+                self._size = self.index.size()
+            except Exception:
+                log.exception(
+                    "could not load the semantic index from %s; starting empty", self.conf.index_dir
+                )
+        if self._feed:
+            try:
+                await self._catch_up()
+            except Exception:
+                log.exception("could not read the semantic cache feed; retrying in the background")
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync())
+        try:
+            await self.embedder.start()
+        except Exception as e:
+            self._load_error = f"{type(e).__name__}: {e}"
+            log.exception("semantic cache unavailable; serving exact-only")
+
+    @property
+    def ready(self) -> bool:
+        return self.embedder.loaded and self._load is not None and self._load.done()
+
+    def health(self) -> dict[str, Any] | None:
+        state = "ready" if self.ready else ("failed" if self._load_error else "loading")
+        out: dict[str, Any] = {"ok": True, "embedder": state, "entries": self._size}
+        if self._load_error:
+            out["error"] = self._load_error
+        return out
+
+    async def _catch_up(self) -> int:
+        """Add the feed's entries written since the last call by other replicas; returns how many."""
+        n = 0
+        while True:
+            raws, self._cursor = await self.store.cache_feed_read(self._cursor, _FEED_BATCH)
+            if not raws:
+                return n
+            now = time.time()
+            items = []
+            for raw in raws:
+                decoded = decode_feed_entry(raw, self.index.dim)
+                if decoded is None:
+                    continue
+                h, vec = decoded
+                try:
+                    if h.get("r") == self.replica or float(h["x"]) <= now:
+                        continue
+                    items.append(
+                        (str(h["p"]), str(h["m"]), vec, str(h["k"]), str(h["t"]), float(h["x"]) - now)
+                    )
+                except (KeyError, TypeError, ValueError):
+                    log.warning("malformed semantic cache feed entry ignored")
+            if items:
+                await self.embedder.run_in_worker(self._add_many, items)
+                n += len(items)
+            if len(raws) < _FEED_BATCH:
+                return n
+
+    def _add_many(self, items: list[tuple[str, str, npt.NDArray[np.float32], str, str, float]]) -> int:
+        """Worker thread: add entries while the index has room (expired entries are dropped to make
+        some); returns how many were added."""
+        n = 0
+        try:
+            for partition, model, vec, key, text, ttl in items:
+                if self.index.size() >= self.conf.max_entries:
+                    self.index.expire()
+                    if self.index.size() >= self.conf.max_entries:
+                        log.warning("semantic index full (%d entries); not adding", self.conf.max_entries)
+                        return n
+                self.index.add(partition, model, vec, key, {"text": text, "key": key}, ttl_s=ttl)
+                n += 1
+            return n
+        finally:
+            self._size = self.index.size()
+
+    def _remove(self, partition: str, model: str, entry_id: str) -> None:
+        """Worker thread."""
+        self.index.remove(partition, model, entry_id)
+        self._size = self.index.size()
+
+    async def _sync(self) -> None:
+        while True:
+            await asyncio.sleep(self.conf.sync_interval_s)
+            try:
+                await self._catch_up()
+            except StoreUnavailable:
+                log.warning("semantic cache feed unreachable; retrying")
+            except Exception:
+                log.exception("semantic cache feed sync failed")
+
+    async def on_shutdown(self) -> None:
+        for task in (self._load, self._sync_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.conf.index_dir and self._load_error is None:
+            try:
+                await self.embedder.run_in_worker(self.index.save, self.conf.index_dir)
+            except Exception:
+                log.exception("could not save the semantic index to %s", self.conf.index_dir)
+        await self.embedder.close()
+
+    # ---- request ------------------------------------------------------------------------------------
+
+    def _eligible(self, ctx: RequestContext) -> tuple[str, str, str, str] | None:
+        body, model = ctx.body, ctx.public_model
+        if ctx.state.get(STATUS) != "miss" or ctx.endpoint != "chat" or body is None or model is None:
+            return None
+        if self.settings.models[model].cache.semantic is False or not self.ready:
+            return None
+        text = last_user_text(body)
+        if text is None or not self.embedder.fits(text):
+            return None  # longer than the model's window: exact matching only
+        team = ctx.principal.team if ctx.principal is not None else "default"
+        shard = SHARED_PARTITION if self.settings.cache.shared_partition else team
+        partition = f"{shard}:{prefix_digest(model, ctx.endpoint, body)}"
+        return team, partition, model, text
+
+    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+        info = self._eligible(ctx)
+        if info is None:
+            return None
+        ctx.state[_SEM] = info
+        no_cache, _ = cache_control(ctx.headers.get("Cache-Control"))
+        if no_cache:
+            return None
+        team, partition, model, text = info
+        k = self.conf.candidates
+        index = self.index
+
+        def search(m: npt.NDArray[np.float32]) -> Any:
+            return index.search_batch(partition, model, m, k)
+
+        t0 = time.perf_counter()
+        vec, (hits, metas) = await self.embedder.embed_then(text, (id(index), partition, model, k), search)
+        ctx.state[_VEC] = vec
+        mc = self.settings.models[model].cache
+        threshold = mc.semantic_threshold if mc.semantic_threshold is not None else self.conf.threshold
+        try:
+            for (entry_id, sim), meta in zip(hits, metas, strict=True):
+                if sim < threshold:
+                    break
+                ok, reason = compatible(text, str(meta.get("text", "")))
+                if not ok:
+                    self.vetoes.labels(reason or "other").inc()
+                    continue
+                try:
+                    raw = await self.store.cache_get(str(meta.get("key", entry_id)), team)
+                except StoreUnavailable:
+                    log.warning("semantic cache lookup failed: store unavailable")
+                    return None
+                if raw is None:  # the answer expired or was purged: forget its vector
+                    await self.embedder.run_in_worker(self._remove, partition, model, entry_id)
+                    continue
+                sc = self.exact._answer(ctx, raw, "semantic")
+                if sc is not None:
+                    if ctx.response_headers is None:
+                        ctx.response_headers = {}
+                    ctx.response_headers[SIMILARITY_HEADER] = f"{min(sim, 1.0):.4f}"
+                    return sc
+            return None
+        finally:
+            self.lookup.observe(time.perf_counter() - t0)
+
+    # ---- writes -------------------------------------------------------------------------------------
+
+    def _on_stored(self, ctx: RequestContext, key: str, value: bytes) -> None:
+        """The exact cache is storing `value` under `key` for this miss: index its prompt."""
+        info = ctx.state.get(_SEM)
+        if info is None or ctx.state.get(STATUS) != "miss":
+            return
+        vec: npt.NDArray[np.float32] | None = ctx.state.get(_VEC)
+        _, partition, model, text = info
+        ttl = self.settings.models[model].cache.ttl_s or self.settings.cache.default_ttl_s
+        task = asyncio.get_running_loop().create_task(self._index(partition, model, text, key, vec, ttl))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _index(
+        self,
+        partition: str,
+        model: str,
+        text: str,
+        key: str,
+        vec: npt.NDArray[np.float32] | None,
+        ttl: float,
+    ) -> None:
+        try:
+            if vec is None:
+                vec = await self.embedder.embed_one(text)
+            added = await self.embedder.run_in_worker(
+                self._add_many, [(partition, model, vec, key, text, ttl)]
+            )
+            if added and self._feed:
+                entry = encode_feed_entry(self.replica, partition, model, text, key, vec, time.time() + ttl)
+                try:
+                    await self.store.cache_feed_add(entry, self.conf.max_entries)
+                except StoreUnavailable:
+                    log.warning("semantic cache feed unreachable: other replicas will not see this entry")
+        except Exception:
+            log.exception("could not add an entry to the semantic index")
