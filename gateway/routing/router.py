@@ -216,6 +216,7 @@ class Router:
         for d in self.deployments:
             self.breaker_state.labels(d).set(0)
         self._sync_task: asyncio.Task[None] | None = None
+        self._attempt_children: dict[tuple[str, str], Any] = {}
 
     def _build_route(self, name: str, m: ModelSettings, created: int) -> ModelRoute:
         deps: list[Deployment] = []
@@ -310,8 +311,10 @@ class Router:
             if not cands:
                 return None
             dep = self._choose(route.strategy, cands)
+            before = dep.breaker.state
             if dep.breaker.allow(now):
-                self.breaker_state.labels(dep.name).set(_STATE_CODE.get(dep.breaker.state, 0))
+                if dep.breaker.state != before:  # open -> half-open: this call is the probe
+                    self.breaker_state.labels(dep.name).set(_STATE_CODE.get(dep.breaker.state, 0))
                 return dep
             exclude.add(dep.name)  # half-open and its one probe is already out
 
@@ -330,11 +333,17 @@ class Router:
         cum = list(accumulate(d.weight for d in cands))
         return cands[min(bisect_right(cum, random.random() * cum[-1]), len(cands) - 1)]
 
-    async def _quota_wait(self, ctx: RequestContext, dep: Deployment, tokens: int) -> float:
+    async def _quota_wait(self, ctx: RequestContext, dep: Deployment) -> float:
         """Seconds until this deployment's (and its provider's) quota has room; 0: counted now."""
         store = self.store
         if store is None or not (dep.rpm or dep.tpm or dep.provider_rpm or dep.provider_tpm):
             return 0.0
+        tokens = ctx.state.get("est_tokens")  # the access plugin's estimate, when it ran
+        if tokens is None:
+            assert ctx.body is not None
+            tokens = ctx.state["est_tokens"] = estimate_prompt_tokens(ctx.body) + (
+                max_output_tokens(ctx.body) or 0
+            )
         now = time.time()
         counted: list[str] = []
         try:
@@ -379,11 +388,18 @@ class Router:
             request_id=ctx.request_id, timeouts=dep.timeouts,
         )
 
+    def _attempt_counter(self, deployment: str, outcome: str) -> Any:
+        key = (deployment, outcome)
+        c = self._attempt_children.get(key)
+        if c is None:  # labels() costs a lock and a lookup: once per (deployment, outcome)
+            c = self._attempt_children[key] = self.attempts.labels(deployment, outcome)
+        return c
+
     def _outcome(self, dep: Deployment, kind: str | None) -> None:
         before = dep.breaker.state
         # A client error means the deployment answered: it counts as healthy.
         opened = dep.breaker.record(kind not in _DEPLOYMENT_FAILURES, time.monotonic())
-        self.attempts.labels(dep.name, kind or "success").inc()
+        self._attempt_counter(dep.name, kind or "success").inc()
         after = dep.breaker.state
         if after != before:
             self.breaker_state.labels(dep.name).set(_STATE_CODE.get(after, 0))
@@ -468,11 +484,6 @@ class Router:
     async def _route(self, ctx: RequestContext, route: ModelRoute, stream: bool) -> Reply | _RoutedStream:
         retry = route.retry
         att = _Attempts(max=retry.max_attempts, deadline=time.monotonic() + retry.deadline_s)
-        body = ctx.body
-        assert body is not None
-        tokens = ctx.state.get("est_tokens")
-        if tokens is None:
-            tokens = estimate_prompt_tokens(body) + (max_output_tokens(body) or 0)
         allowed: set[str] | None = ctx.state.get("allowed_models")
         chain: list[ModelRoute] = [route]
         seen = {route.public_name}
@@ -488,7 +499,7 @@ class Router:
                 log.info("request %s falls back from %s to %s", ctx.request_id, route.public_name,
                          current.public_name)
             try:
-                result = await self._try_model(ctx, current, stream, att, int(tokens))
+                result = await self._try_model(ctx, current, stream, att)
             except GatewayError as e:
                 kind = failure_kind(e)
                 if kind is None:
@@ -519,7 +530,7 @@ class Router:
             ctx.state["route.model"] = served.public_name
 
     async def _try_model(
-        self, ctx: RequestContext, route: ModelRoute, stream: bool, att: _Attempts, tokens: int
+        self, ctx: RequestContext, route: ModelRoute, stream: bool, att: _Attempts
     ) -> Reply | _RoutedStream:
         """Attempts on one model's deployments until success, a client error, or exhaustion."""
         retry = route.retry
@@ -549,7 +560,7 @@ class Router:
                     await asyncio.sleep(delay)
                     continue
                 break
-            wait = await self._quota_wait(ctx, dep, tokens)
+            wait = await self._quota_wait(ctx, dep)
             if wait > 0:
                 exclude.add(dep.name)
                 dep.breaker.release_probe()  # it was not used: the next caller may probe
@@ -574,7 +585,7 @@ class Router:
                 # The request's time is up: says nothing about the deployment. The client gets
                 # the last real upstream answer if there was one.
                 dep.breaker.release_probe()
-                self.attempts.labels(dep.name, "deadline").inc()
+                self._attempt_counter(dep.name, "deadline").inc()
                 raise (last or att.last_error or e) from None
             except GatewayError as e:
                 kind = failure_kind(e)
