@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 from gateway.api import ops_routes
 from gateway.api.admin_routes import AdminRoutes
 from gateway.api.errors import error_middleware
-from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS, STORE
+from gateway.api.keys import LOOPMON, PIPELINE, READY, ROUTER, SETTINGS, STORE
 from gateway.api.openai_routes import OpenAIRoutes
+from gateway.loopmon import LoopLagMonitor
 from gateway.pipeline import Pipeline, Plugin
 from gateway.plugins.access import AccessPlugin
 from gateway.plugins.exact_cache import ExactCachePlugin
@@ -100,6 +101,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PIPELINE] = pipeline
     app[STORE] = store
     app[READY] = {"started": False, "stopping": False}
+    loopmon = app[LOOPMON] = LoopLagMonitor(registry, settings.server.loop_lag_interval_s)
 
     openai_routes = OpenAIRoutes(app)
     openai_routes.add_to(app.router)
@@ -120,7 +122,9 @@ def create_app(settings: Settings) -> web.Application:
         gc.collect()
         gc.freeze()
         app[READY]["started"] = True
+        loopmon.start()
         yield
+        await loopmon.stop()
         app[READY]["stopping"] = True
         await pipeline.shutdown()
         await router.close()

@@ -38,6 +38,8 @@ class ServerSettings(Strict):
     shutdown_timeout_s: float = Field(30.0, ge=0)
     stream_keepalive_s: float = Field(15.0, gt=0)
     """Send an SSE comment this often while a streaming upstream is silent."""
+    loop_lag_interval_s: float = Field(0.02, ge=0, le=10)
+    """Sample the event loop's lag this often (metric tollway_event_loop_lag_seconds); 0: off."""
 
 
 class Timeouts(Strict):

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.keys import PIPELINE, READY, ROUTER, SETTINGS, STORE
+from gateway.api.keys import LOOPMON, PIPELINE, READY, ROUTER, SETTINGS, STORE
 
 
 async def health(request: web.Request) -> web.Response:
@@ -38,6 +38,7 @@ async def ready(request: web.Request) -> web.Response:
         "models": len(app[ROUTER].routes),
         "stopping": bool(state.get("stopping")),
         "plugins": details,
+        "event_loop": {"lag_max_ms_last_window": round(app[LOOPMON].last_window_max * 1000, 3)},
     }
     return web.Response(
         body=orjson.dumps(body), status=200 if ok else 503, content_type="application/json"
