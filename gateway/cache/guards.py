@@ -59,7 +59,8 @@ always compatible):
 
 ``entity``
     Named entities must agree, case-insensitively: every capitalised token that is not at the
-    start of a sentence, every acronym (``AWS``, ``GPT``), and sentence-initial capitalised words
+    start of a sentence, every acronym (``AWS``, ``GPT``, also right after a number: "8 US fluid
+    ounces" vs "8 UK fluid ounces"), and sentence-initial capitalised words
     that are not common sentence starters ("Paris is ...") of one text must occur as a word in the
     other.  Texts written mostly in capitals skip the acronym rule.
     Blind spots: lowercase proper nouns ("capital of france" vs "capital of germany"),
@@ -76,17 +77,32 @@ always compatible):
     (units, languages, entities, quoted spans) in a different order and either text has a real
     direction (a connector as above, or from/than/before/after/instead/rather/replace/versus/->),
     the pair is vetoed.
+    And a number bound to a place must stay bound to it: "9am in London" vs "9am in Tokyo" (the
+    number and the entity right after the first in/at/from/to/for/near within the next words),
+    compared when both texts have such bindings.
     Blind spots: direction expressed without a connector ("what is X in miles" vs "how many X in
     a mile") passes when no anchor repeats in a different order; "how many miles is 5 km" vs
     "convert 5 km to miles" is vetoed by the anchor order (safe, costs recall); infinitive
     detection is a word list, so an unusual verb after "to" can create a spurious direction.
 
+``qualifier``
+    Words that narrow what is asked -- when (ancient, medieval, modern, current/today, historical,
+    future), for whom (child/kid, teen, beginner, expert) and in what form (brief/concise,
+    detailed, one sentence, paragraph, bullets, JSON/YAML/CSV, formal, casual, funny) --
+    canonicalised, must be the same set in both texts ("... in Egypt" vs "... in ancient Egypt").
+    Blind spots: qualifiers not in the list; a qualifier in one text only is a veto even when the
+    other text implies it (safe, costs recall).
+
 ``opposite``
-    A small table of antonym groups (min/max, ascending/descending, increase/decrease,
-    encrypt/decrypt, upload/download, before/after, buy/sell, best/worst, enable/disable, ...):
-    a veto when one text uses only one side of a group and the other text only the other side.
-    Blind spots: antonyms not in the table (e.g. good/bad is deliberately absent: "good" is too
-    often filler); only a clean flip is vetoed, not one side vs nothing.
+    A table of antonym groups (min/max, ascending/descending, increase/decrease, encrypt/decrypt,
+    upload/download, before/after, buy/sell, best/worst, good/bad, closest/farthest,
+    oldest/youngest and other superlatives, metric/imperial, ...), plus quantity (a/an/one vs
+    all/every: "name a country" vs "name all the countries") and tense (is/are/do/does vs
+    was/were/did: "what is the capital" vs "what was the capital"): a veto when one text uses
+    only one side of a group and the other text only the other side.
+    Blind spots: antonyms not in the table; only a clean flip is vetoed, not one side vs nothing
+    ("good" alone is too often filler); the tense flip also vetoes paraphrases that change tense
+    ("Is X the founder of Y?" vs "Did X found Y?": safe, costs recall).
 
 ``slot``
     Same sentence frame, different filler: the two texts' word sequences share a prefix and a
@@ -525,8 +541,24 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
         ("buy buying bought purchase", "sell selling sold"),
         ("before earlier prior", "after later"),
         ("best", "worst"),
+        ("good", "bad"),
+        ("healthy", "unhealthy"),
         ("better", "worse"),
-        ("faster quicker", "slower"),
+        ("faster quicker fastest quickest", "slower slowest"),
+        ("closest nearest closer nearer", "farthest furthest farther"),
+        ("oldest older eldest", "youngest younger newest newer"),
+        ("earliest", "latest"),
+        ("heaviest heavier", "lightest lighter"),
+        ("tallest taller", "shortest shorter"),
+        ("richest richer", "poorest poorer"),
+        ("strongest stronger", "weakest weaker"),
+        ("easiest easier", "hardest harder"),
+        ("wettest", "driest"),
+        ("metric", "imperial"),
+        # quantity: one thing vs all of them ("name a country" vs "name all the countries")
+        ("a an one single", "all every"),
+        # tense: "what is / do they" vs "what was / did they" (a clean flip only)
+        ("do does is are", "did was were"),
         ("cheapest cheaper", "priciest pricier"),
         ("enable enables enabled enabling", "disable disables disabled disabling"),
         ("start starts started starting", "stop stops stopped stopping"),
@@ -572,7 +604,40 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
     )
 )  # fmt: skip
 
+# Words that narrow what is asked (when, for whom, in what form): one text using one and the other not
+# is a veto ("What language do they speak in Egypt?" vs "... in ancient Egypt?", "explain X" vs "explain
+# X for a child", "in one sentence" vs "in detail"). Canonicalised so near-synonyms agree.
+_QUALIFIER_OF: dict[str, str] = {
+    w: canon
+    for canon, ws in (
+        ("ancient", "ancient antiquity"),
+        ("medieval", "medieval"),
+        ("modern", "modern modern-day nowadays contemporary"),
+        ("current", "current currently today present-day"),
+        ("historical", "historical historically originally original"),
+        ("prehistoric", "prehistoric"),
+        ("future", "future"),
+        ("child", "child children kid kids toddler five-year-old"),
+        ("teen", "teen teens teenager teenagers"),
+        ("beginner", "beginner beginners novice newbie layman layperson"),
+        ("expert", "expert experts advanced professional"),
+        ("brief", "brief briefly concise concisely succinct"),
+        ("detailed", "detailed detail thorough thoroughly comprehensive in-depth"),
+        ("sentence", "sentence"),
+        ("paragraph", "paragraph paragraphs"),
+        ("bullets", "bullet bullets bulleted"),
+        ("json", "json"),
+        ("yaml", "yaml"),
+        ("csv", "csv"),
+        ("formal", "formal formally professional"),
+        ("informal", "informal casual casually"),
+        ("funny", "funny humorous humorously joke"),
+    )
+    for w in ws.split()
+}
+
 _WORD = re.compile(r"[a-z][a-z'+#-]*[a-z+#]|[a-z]|->")
+_POSSESSIVE = re.compile(r"'s?$")
 
 # ------------------------------------------------------------------------------------------- slot
 
@@ -660,6 +725,9 @@ class Features:
     asymmetric: bool
     opposites: tuple[tuple[bool, bool], ...]
     slot_words: tuple[str, ...]
+    qualifiers: frozenset[str]
+    bound: tuple[str, ...]
+    """Each number bound to the first named entity within the next few words ("9am in London")."""
 
 
 def _tokens(text: str) -> list[str]:
@@ -860,7 +928,9 @@ def _entities(text: str) -> set[str]:
         if not w or low in _LANG_OF or low in _UNIT_OF or w in _COMMON_ACRONYMS or w.startswith("QUOTED"):
             continue
         prefix = text[max(0, m.start() - 80) : m.start()]
-        if low in ("go", "c", "r") or (len(w) <= 2 and re.search(r"[\d°]\s*$", prefix)):
+        after_number = re.search(r"[\d°]\s*$", prefix) is not None
+        unit_letter = low in _ONLY_AFTER_NUMBER or low in _SHORT_AFTER_NUMBER
+        if low in ("go", "c", "r") or (len(w) <= 2 and after_number and unit_letter):
             continue  # language names (language guard) and unit letters after numbers (unit guard)
         stripped = prefix.rstrip()
         if stripped:
@@ -990,7 +1060,28 @@ def features(text: str) -> Features:
         asymmetric=bool(sources or targets or (_ASYMMETRIC & word_set)) or "->" in low,
         opposites=opposites,
         slot_words=_slot_words(low),
+        qualifiers=frozenset(
+            _QUALIFIER_OF[q] for w in word_set if (q := _POSSESSIVE.sub("", w)) in _QUALIFIER_OF
+        ),
+        bound=_bind(rest, spans, entities) if len(entities) >= 2 else (),
     )
+
+
+def _bind(rest: str, spans: list[tuple[int, int, float]], entities: set[str]) -> tuple[str, ...]:
+    """(number, place) pairs: a number and the entity right after the first of in/at/from/to/for/near
+    among the next four words ("9am in London", "5 km from Paris")."""
+    out: list[str] = []
+    for _, end, value in spans:
+        words = _WORD.findall(rest[end : end + 60].casefold())[:5]
+        for i, w in enumerate(words[:-1]):
+            if w in _PLACE_PREPOSITIONS:
+                if words[i + 1] in entities:
+                    out.append(f"{_fmt(value)}@{words[i + 1]}")
+                break
+    return tuple(sorted(out))
+
+
+_PLACE_PREPOSITIONS = frozenset({"in", "at", "from", "to", "for", "near"})
 
 
 def _missing_entities(fa: Features, fb: Features) -> set[str]:
@@ -1024,6 +1115,8 @@ def compatible(a: str, b: str) -> tuple[bool, str | None]:
     flipped = (fa.sources & fb.targets) | (fa.targets & fb.sources)
     if flipped:
         return False, f"direction: {sorted(flipped)} is a source in one and a target in the other"
+    if fa.bound and fb.bound and fa.bound != fb.bound:
+        return False, f"direction: quantities bound to {list(fa.bound)} != {list(fb.bound)}"
     if (
         (fa.asymmetric or fb.asymmetric)
         and len(fa.anchors) >= 2
@@ -1031,6 +1124,8 @@ def compatible(a: str, b: str) -> tuple[bool, str | None]:
         and fa.anchors != fb.anchors
     ):
         return False, f"direction: order {list(fa.anchors)} != {list(fb.anchors)}"
+    if fa.qualifiers != fb.qualifiers:
+        return False, f"qualifier: {sorted(fa.qualifiers)} != {sorted(fb.qualifiers)}"
     for (pa, na), (pb, nb), (pos, neg) in zip(fa.opposites, fb.opposites, _OPPOSITES, strict=True):
         if (pa and not na and nb and not pb) or (na and not pa and pb and not nb):
             return False, f"opposite: {'/'.join(sorted(pos))[:40]} vs {'/'.join(sorted(neg))[:40]}"

@@ -99,8 +99,18 @@ def period_ids(now: float) -> dict[Period, str]:
     return ids
 
 
+_day_cache: dict[int, str] = {}
+
+
 def day_str(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    """The UTC day of `ts` as YYYY-MM-DD (memoised per day: one call per ledger record)."""
+    day = math.floor(ts / DAY_S)
+    s = _day_cache.get(day)
+    if s is None:
+        if len(_day_cache) > 4096:
+            _day_cache.clear()
+        s = _day_cache[day] = datetime.fromtimestamp(day * DAY_S, UTC).strftime("%Y-%m-%d")
+    return s
 
 
 def day_range(start: float, end: float) -> tuple[float, float]:

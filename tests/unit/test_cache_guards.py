@@ -205,3 +205,47 @@ def test_garbage_never_raises() -> None:
         b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         ok, reason = compatible(a, b)
         assert ok or reason
+
+
+# ------------------------------------------------- rules added after the first holdout set (see eval/)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "kind"),
+    [
+        ("Which planet is closest to the sun?", "Which planet is farthest from the sun?", "opposite"),
+        ("Who is the oldest person alive?", "Who is the youngest person alive?", "opposite"),
+        ("Which is the heaviest element?", "Which is the lightest element?", "opposite"),
+        ("Is coffee good for you?", "Is coffee bad for you?", "opposite"),
+        ("Name a country in South America.", "Name all the countries in South America.", "opposite"),
+        ("What is the capital of Germany?", "What was the capital of Germany?", "opposite"),
+        ("What language do they speak in Egypt?", "What language is spoken in ancient Egypt?", "qualifier"),
+        ("Explain photosynthesis.", "Explain photosynthesis to a kid.", "qualifier"),
+        ("Summarise the French revolution in one sentence.", "Summarise the French revolution in detail.",
+         "qualifier"),
+        ("Write a formal email to my landlord.", "Write a casual email to my landlord.", "qualifier"),
+        ("Convert 8 US fluid ounces to milliliters.", "Convert 8 UK fluid ounces to milliliters.", "entity"),
+        ("If it's 9am in London, what time is it in Tokyo?",
+         "If it's 9am in Tokyo, what time is it in London?", "direction"),
+    ],
+)
+def test_later_rules_veto(a: str, b: str, kind: str) -> None:
+    _veto(a, b, kind)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What time is it in Tokyo when it's 9am in London?",
+         "If it's 9am in London, what time is it in Tokyo?"),
+        ("Who won the 1966 FIFA World Cup?", "Which country won the FIFA World Cup in 1966?"),
+        ("In JavaScript, how can I get the current date?", "Show me how to get today's date in JavaScript."),
+        ("What does REST stand for?", "What is REST short for?"),
+        ("What is a hash table?", "explain hash tables"),
+        ("Ideas for a kid's birthday party?", "Can you suggest some kids' birthday party ideas?"),
+        ("Give me a list of all the planets", "List every planet"),
+        ("What's a good way to sort a list in Python?", "How should I sort a list in Python?"),
+    ],
+)
+def test_later_rules_keep_paraphrases(a: str, b: str) -> None:
+    _ok(a, b)
