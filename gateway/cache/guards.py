@@ -25,7 +25,8 @@ always compatible):
 ``number``
     The ordered sequence of numbers must be equal.  Digits (``-3``, ``2.50``, ``1,000``, ``.5``,
     numbers glued to words such as ``v2``/``ipv6``/``python3``), written-out numbers up to the
-    billions ("twenty five", "a dozen"), ordinals ("third", "3rd") and "half" are all values, so
+    billions ("twenty five", "a dozen"), ordinals ("third", "3rd"; "second" only as "the second",
+    "second-largest", "second highest") and "half" are all values, so
     "five" == "5" == "5.0".  "one" counts only next to another number word or before a unit
     (it is usually a pronoun).  When numbers are present, arithmetic operators (``+ - * / ^``,
     "plus", "times", "sum", "product", ...) must agree as well, so "2+3" != "2*3".
@@ -79,7 +80,10 @@ always compatible):
     the pair is vetoed.
     And a number bound to a place must stay bound to it: "9am in London" vs "9am in Tokyo" (the
     number and the entity right after the first in/at/from/to/for/near within the next words),
-    compared when both texts have such bindings.
+    compared when both texts have such bindings. And two content words that trade places with
+    everything else equal are a veto ("is a square a rectangle" vs "is a rectangle a square",
+    "3pm Berlin time ... in Chicago" vs "3pm Chicago time ... in Berlin"); a number and a word
+    trading places ("in England in 1066" vs "in 1066 in England") is not.
     Blind spots: direction expressed without a connector ("what is X in miles" vs "how many X in
     a mile") passes when no anchor repeats in a different order; "how many miles is 5 km" vs
     "convert 5 km to miles" is vetoed by the anchor order (safe, costs recall); infinitive
@@ -88,7 +92,8 @@ always compatible):
 ``qualifier``
     Words that narrow what is asked -- when (ancient, medieval, modern, current/today, historical,
     future), for whom (child/kid, teen, beginner, expert) and in what form (brief/concise,
-    detailed, one sentence, paragraph, bullets, JSON/YAML/CSV, formal, casual, funny) --
+    detailed, "in one sentence" / "in two paragraphs" / "one-line", bullets, JSON/YAML/CSV,
+    formal, casual, funny) --
     canonicalised, must be the same set in both texts ("... in Egypt" vs "... in ancient Egypt").
     Blind spots: qualifiers not in the list; a qualifier in one text only is a veto even when the
     other text implies it (safe, costs recall).
@@ -96,7 +101,7 @@ always compatible):
 ``opposite``
     A table of antonym groups (min/max, ascending/descending, increase/decrease, encrypt/decrypt,
     upload/download, before/after, buy/sell, best/worst, good/bad, closest/farthest,
-    oldest/youngest and other superlatives, metric/imperial, ...), plus quantity (a/an/one vs
+    oldest/youngest and other superlatives, metric/imperial, often/rarely, ...), plus quantity (a/an/one vs
     all/every: "name a country" vs "name all the countries") and tense (is/are/do/does vs
     was/were/did: "what is the capital" vs "what was the capital"): a veto when one text uses
     only one side of a group and the other text only the other side.
@@ -222,7 +227,8 @@ _ORDINALS = {
     "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12, "twentieth": 20, "hundredth": 100,
     "half": 0.5, "halves": 0.5, "quarter": 0.25, "quarters": 0.25,
 }  # fmt: skip
-# "second" is deliberately absent: it is far more often the time unit.
+# "second" is absent: it is more often the time unit; `_parse_numbers` takes it as the ordinal only in
+# the shapes "the second ...", "second-...", "second <superlative>".
 
 _NUM = re.compile(
     r"(?P<neg>(?:(?<=^)|(?<=[\s(=\[,:]))-)?"
@@ -554,6 +560,7 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
         ("strongest stronger", "weakest weaker"),
         ("easiest easier", "hardest harder"),
         ("wettest", "driest"),
+        ("often frequently regularly lot lots", "rarely barely seldom hardly occasionally"),
         ("metric", "imperial"),
         # quantity: one thing vs all of them ("name a country" vs "name all the countries")
         ("a an one single", "all every"),
@@ -623,8 +630,6 @@ _QUALIFIER_OF: dict[str, str] = {
         ("expert", "expert experts advanced professional"),
         ("brief", "brief briefly concise concisely succinct"),
         ("detailed", "detailed detail thorough thoroughly comprehensive in-depth"),
-        ("sentence", "sentence"),
-        ("paragraph", "paragraph paragraphs"),
         ("bullets", "bullet bullets bulleted"),
         ("json", "json"),
         ("yaml", "yaml"),
@@ -638,6 +643,11 @@ _QUALIFIER_OF: dict[str, str] = {
 
 _WORD = re.compile(r"[a-z][a-z'+#-]*[a-z+#]|[a-z]|->")
 _POSSESSIVE = re.compile(r"'s?$")
+_LENGTH_FORMAT = re.compile(
+    r"\b(?:in|as|into|with(?:in)?|to)\s+(?:one|a|a single|two|three|four|five|\d+|\w+ or \w+)[\s-]"
+    r"(sentences?|paragraphs?|lines?|bullets?|bullet points?)\b"
+    r"|\b(?:one|two|three|single)-(sentence|paragraph|line)\b"
+)
 
 # ------------------------------------------------------------------------------------------- slot
 
@@ -730,6 +740,22 @@ class Features:
     """Each number bound to the first named entity within the next few words ("9am in London")."""
 
 
+def _transposition(wa: tuple[str, ...], wb: tuple[str, ...]) -> tuple[str, str] | None:
+    """Two content words that trade places, everything else equal: "is a square a rectangle" vs "is a
+    rectangle a square", "3pm Berlin time ... in Chicago" vs "3pm Chicago time ... in Berlin"."""
+    if len(wa) != len(wb) or wa == wb:
+        return None
+    diff = [i for i, (x, y) in enumerate(zip(wa, wb, strict=True)) if x != y]
+    if len(diff) != 2:
+        return None
+    i, j = diff
+    if wa[i] != wb[j] or wa[j] != wb[i] or wa[i] in _FUNCTION or wa[j] in _FUNCTION:
+        return None
+    if wa[i][0].isdigit() != wa[j][0].isdigit():
+        return None  # a number and a word trading places: "in England in 1066" vs "in 1066 in England"
+    return wa[i], wa[j]
+
+
 def _tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
@@ -754,6 +780,14 @@ def _parse_numbers(text: str) -> tuple[list[tuple[int, int, float]], list[str]]:
     while i < len(words):
         start, end, w = words[i]
         parts = w.split("-")
+        if parts[0] == "second" and (
+            len(parts) > 1
+            or (i > 0 and words[i - 1][2] in ("the", "my", "our", "their", "its", "his", "her"))
+            or (i + 1 < len(words) and words[i + 1][2].endswith("est"))
+        ):  # "the second", "second-largest", "second highest": the ordinal, not the time unit
+            spans.append((start, end, 2.0))
+            i += 1
+            continue
         if all(p in _UNITS_WORDS or p in _SCALES for p in parts) or w in _ORDINALS:
             if w in _ORDINALS and w not in _UNITS_WORDS:
                 spans.append((start, end, float(_ORDINALS[w])))
@@ -1062,7 +1096,7 @@ def features(text: str) -> Features:
         slot_words=_slot_words(low),
         qualifiers=frozenset(
             _QUALIFIER_OF[q] for w in word_set if (q := _POSSESSIVE.sub("", w)) in _QUALIFIER_OF
-        ),
+        ) | {(m.group(1) or m.group(2)).removesuffix("s") for m in _LENGTH_FORMAT.finditer(low)},
         bound=_bind(rest, spans, entities) if len(entities) >= 2 else (),
     )
 
@@ -1129,6 +1163,9 @@ def compatible(a: str, b: str) -> tuple[bool, str | None]:
     for (pa, na), (pb, nb), (pos, neg) in zip(fa.opposites, fb.opposites, _OPPOSITES, strict=True):
         if (pa and not na and nb and not pb) or (na and not pa and pb and not nb):
             return False, f"opposite: {'/'.join(sorted(pos))[:40]} vs {'/'.join(sorted(neg))[:40]}"
+    pair = _transposition(fa.slot_words, fb.slot_words)
+    if pair is not None:
+        return False, f"direction: {pair[0]!r} and {pair[1]!r} swap places"
     swap = _slot_swap(fa.slot_words, fb.slot_words)
     if swap is not None:
         return False, f"slot: {swap[0]!r} vs {swap[1]!r} in the same sentence frame"
