@@ -18,7 +18,10 @@ always compatible):
 ``quote``
     The multiset of quoted spans -- ``"..."``, ``'...'`` (apostrophes inside words such as
     "what's" are not quotes), ```code``` and fenced code blocks -- must be equal, compared with
-    whitespace collapsed and case folded (code is compared case-sensitively).
+    whitespace collapsed and case folded (code is compared case-sensitively, and so is quoted
+    text when the prompt is about strings, regexes, matching, passwords, keys...).  Code
+    operators outside quotes (``!=``, ``==``, ``<=``, ``**``, ``&&``, ``x*2``, ``a<b``...) must agree
+    too ("status = 'x'" vs "status != 'x'"); a lone ``=`` in prose ("3 tbsp = ? tsp") is not one.
     Blind spots: unquoted literals ("translate good morning to French"); a phrase quoted in one
     text and not in the other is a veto (safe, costs recall).
 
@@ -41,6 +44,10 @@ always compatible):
     binds 20 to usd).  Binding catches "how many miles is 5 km" vs "convert 5 miles to km".
     Blind spots: single-letter units ("m", "g", "l", "s", "h", "C", "F") only count right after a
     number; "pound" is mass unless written "£"/"gbp"; units inside compound words are missed.
+
+``unit`` (periods)
+    Rates and periods must agree: "per hour", "/hr", "each month", "every day", "in a day",
+    "monthly", "annually", and "a week" after an amount ("$2,800 a week" vs "$2,800 a month").
 
 ``negation``
     The count of negation cues must be equal: not, n't, no, never, none, nothing, nobody, nowhere,
@@ -83,7 +90,9 @@ always compatible):
     compared when both texts have such bindings. And two content words that trade places with
     everything else equal are a veto ("is a square a rectangle" vs "is a rectangle a square",
     "3pm Berlin time ... in Chicago" vs "3pm Chicago time ... in Berlin"); a number and a word
-    trading places ("in England in 1066" vs "in 1066 in England") is not.
+    trading places ("in England in 1066" vs "in 1066 in England") is not; plurals fold ("can cats
+    eat dog food" vs "can dogs eat cat food").  For "than", the compared subject before
+    "more/less ADJ" or "-er" is a source too ("is a heat pump more efficient than a gas furnace").
     Blind spots: direction expressed without a connector ("what is X in miles" vs "how many X in
     a mile") passes when no anchor repeats in a different order; "how many miles is 5 km" vs
     "convert 5 km to miles" is vetoed by the anchor order (safe, costs recall); infinitive
@@ -102,8 +111,9 @@ always compatible):
     A table of antonym groups (min/max, ascending/descending, increase/decrease, encrypt/decrypt,
     upload/download, before/after, buy/sell, best/worst, good/bad, closest/farthest,
     oldest/youngest and other superlatives, metric/imperial, often/rarely, ...), plus quantity (a/an/one vs
-    all/every: "name a country" vs "name all the countries") and tense (is/are/do/does vs
-    was/were/did: "what is the capital" vs "what was the capital"): a veto when one text uses
+    all/every: "name a country" vs "name all the countries"), frequency (often/every day vs
+    rarely/occasionally), last/next, and tense (is/are/do/does vs was/were/did vs will: "what is
+    the capital" vs "what was the capital"): a veto when one text uses
     only one side of a group and the other text only the other side.
     Blind spots: antonyms not in the table; only a clean flip is vetoed, not one side vs nothing
     ("good" alone is too often filler); the tense flip also vetoes paraphrases that change tense
@@ -114,8 +124,10 @@ always compatible):
     suffix covering at least half of the longer one, and differ only in one middle span of one to
     three content words on each side ("What is the *capital* of Australia?" vs "What is the
     *population* of Australia?", "How do I *bake* salmon?" vs "How do I *grill* salmon?").  This is
-    the shape where embeddings are most similar and answers most different.  Spans made of
-    function words ("do" vs "can"), numbers/units/negations (other guards compared those) or
+    the shape where embeddings are most similar and answers most different.  Likewise one or two
+    content words only added to an otherwise identical text ("nearest integer" vs "nearest even
+    integer"), unless they are filler ("please", "usually", "number" in "is 97 a prime number").
+    Spans made of function words ("do" vs "can"), numbers/units/negations (other guards compared those) or
     listed synonyms (write/compose, centre/center, remove/delete, ...) are not vetoed.
     Blind spots: a different key word together with a rephrasing elsewhere ("What's Australia's
     population?" vs "What is the capital of Australia?") is left to the similarity threshold;
@@ -128,6 +140,7 @@ one extraction for the query plus k (usually cached) extractions.  Guards are sy
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -176,6 +189,13 @@ def _fold(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------- quotes
 
+_CASE_MATTERS = re.compile(
+    r"\b(?:regex|regexp|regular expression|pattern|match(?:es)?|grep|sed|case|password|username|string|"
+    r"variable|identifier|filename|file name|header|key|url)\b|[$^\[\]\\]",
+    re.I,
+)
+"""Quoted text is compared case-sensitively when the prompt is about strings, code or matching ("does
+^[a-z]+$ match 'Hello'" vs "'hello'"); otherwise case-folded ("carpe diem" == "Carpe diem")."""
 _FENCE = re.compile(r"```(?:[\w+#-]*\n)?(.*?)```", re.S)
 _BACKTICK = re.compile(r"`([^`\n]+)`")
 _DQUOTE = re.compile(r'"([^"]+)"')
@@ -186,7 +206,7 @@ def _placeholder(k: int) -> str:
     return " QUOTED" + "".join(chr(ord("a") + int(d)) for d in str(k)) + " "
 
 
-def _extract_quotes(text: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+def _extract_quotes(text: str, case_sensitive: bool = False) -> tuple[tuple[str, ...], tuple[str, ...], str]:
     """Quoted spans (sorted, and in textual order) and the text with each span replaced by a placeholder."""
     spans: list[str] = []
 
@@ -195,7 +215,9 @@ def _extract_quotes(text: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
         return _placeholder(len(spans) - 1)
 
     def prose(m: re.Match[str]) -> str:
-        inner = _WS.sub(" ", m.group(1)).strip().casefold().rstrip(".!?,;:")
+        inner = _WS.sub(" ", m.group(1)).strip().rstrip(".!?,;:")
+        if not case_sensitive:
+            inner = inner.casefold()
         if not inner:
             return m.group(0)
         spans.append("text:" + inner)
@@ -560,12 +582,16 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
         ("strongest stronger", "weakest weaker"),
         ("easiest easier", "hardest harder"),
         ("wettest", "driest"),
-        ("often frequently regularly lot lots", "rarely barely seldom hardly occasionally"),
+        ("often frequently regularly lot lots every daily everyday always", "rarely barely seldom hardly "
+         "occasionally sometimes"),
+        ("last previous past", "next upcoming coming"),
         ("metric", "imperial"),
         # quantity: one thing vs all of them ("name a country" vs "name all the countries")
         ("a an one single", "all every"),
         # tense: "what is / do they" vs "what was / did they" (a clean flip only)
         ("do does is are", "did was were"),
+        ("did was were", "will shall"),
+        ("do does is are", "will shall"),
         ("cheapest cheaper", "priciest pricier"),
         ("enable enables enabled enabling", "disable disables disabled disabling"),
         ("start starts started starting", "stop stops stopped stopping"),
@@ -643,6 +669,24 @@ _QUALIFIER_OF: dict[str, str] = {
 
 _WORD = re.compile(r"[a-z][a-z'+#-]*[a-z+#]|[a-z]|->")
 _POSSESSIVE = re.compile(r"'s?$")
+# Rates and periods: "per month", "a week", "/hr", "annually" ("$0.01 per hour: per month?" vs "per day?").
+_PERIOD_OF = {
+    "second": "second", "sec": "second", "minute": "minute", "min": "minute", "hour": "hour", "hr": "hour",
+    "h": "hour", "day": "day", "night": "day", "week": "week", "wk": "week", "fortnight": "fortnight",
+    "month": "month", "mo": "month", "quarter": "quarter", "year": "year", "yr": "year", "annum": "year",
+    "hourly": "hour", "daily": "day", "nightly": "day", "weekly": "week", "biweekly": "fortnight",
+    "monthly": "month", "quarterly": "quarter", "yearly": "year", "annually": "year", "annual": "year",
+}  # fmt: skip
+_RATE = re.compile(
+    r"(?:\b(?:per|a|an|each|every)\s+|/\s*)(second|sec|minute|min|hour|hr|h|day|night|week|wk|fortnight"
+    r"|month|mo|quarter|year|yr|annum)\b"
+    r"|\b(hourly|daily|nightly|weekly|biweekly|monthly|quarterly|yearly|annually)\b"
+)
+# Code operators outside quotes: "status = 'x'" vs "status != 'x'", "x*2" vs "x**2".
+_CODE_OP = re.compile(
+    r"!==?|===|==|<=|>=|<>|\*\*|&&|\|\||<<|>>|=>"
+    r"|(?<=[A-Za-z_)\]])[<>*^](?=[\w(\[])|(?<=[\w)\]])[<>*^](?=[A-Za-z_(\[])"
+)
 _LENGTH_FORMAT = re.compile(
     r"\b(?:in|as|into|with(?:in)?|to)\s+(?:one|a|a single|two|three|four|five|\d+|\w+ or \w+)[\s-]"
     r"(sentences?|paragraphs?|lines?|bullets?|bullet points?)\b"
@@ -736,8 +780,55 @@ class Features:
     opposites: tuple[tuple[bool, bool], ...]
     slot_words: tuple[str, ...]
     qualifiers: frozenset[str]
+    periods: tuple[str, ...]
+    code_ops: tuple[str, ...]
     bound: tuple[str, ...]
     """Each number bound to the first named entity within the next few words ("9am in London")."""
+
+
+def _stem(w: str) -> str:
+    """Crude plural folding for word-order checks: "cats" == "cat", "boxes" == "box"."""
+    if len(w) > 4 and w.endswith("es") and w[-3] in "sxz":
+        return w[:-2]
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
+_FILLER = frozenset(
+    "please thanks thank exactly basically simply again now still real kindly ever anyway btw for me "
+    "guys folks quickly generally usually typically normally properly correctly actually really just "
+    "anything something exactly precisely roughly approximately here there currently number numbers "
+    "value values thing things stuff ones".split()
+)
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _insertion(wa: tuple[str, ...], wb: tuple[str, ...]) -> str | None:
+    """One or two content words added to an otherwise identical text, nothing else changed but an
+    article ("a" -> "an"): "round to the nearest integer" vs "round to the nearest even integer", "get a
+    US passport" vs "get an expedited US passport", "file taxes" vs "file taxes with an extension".
+    Politeness and filler ("please", "usually", "number" in "is 97 a prime number") do not count."""
+    if len(wa) > len(wb):
+        wa, wb = wb, wa
+    if not 1 <= len(wb) - len(wa) <= 3 or len(wa) < 3:
+        return None
+    short = " ".join(wa)
+    added: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, wa, wb, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        article_swap = tag == "replace" and i2 - i1 == 1 and wa[i1] in _ARTICLES and wb[j1] in _ARTICLES
+        if tag != "insert" and not article_swap:
+            return None
+        added.extend(wb[j1 + (tag == "replace") : j2])
+    content = [
+        w for w in added
+        if w not in _FUNCTION and w not in _FILLER and not w[0].isdigit() and w not in short
+    ]  # a word already inside the other text ("x" in "2x") adds nothing
+    return " ".join(content) if 1 <= len(content) <= 2 else None
 
 
 def _transposition(wa: tuple[str, ...], wb: tuple[str, ...]) -> tuple[str, str] | None:
@@ -749,8 +840,10 @@ def _transposition(wa: tuple[str, ...], wb: tuple[str, ...]) -> tuple[str, str] 
     if len(diff) != 2:
         return None
     i, j = diff
-    if wa[i] != wb[j] or wa[j] != wb[i] or wa[i] in _FUNCTION or wa[j] in _FUNCTION:
+    if _stem(wa[i]) != _stem(wb[j]) or _stem(wa[j]) != _stem(wb[i]):
         return None
+    if wa[i] in _FUNCTION and wa[j] in _FUNCTION:
+        return None  # "what time is it" vs "what time it is"
     if wa[i][0].isdigit() != wa[j][0].isdigit():
         return None  # a number and a word trading places: "in England in 1066" vs "in 1066 in England"
     return wa[i], wa[j]
@@ -1042,6 +1135,16 @@ def _direction(low: str, entities: set[str]) -> tuple[set[str], set[str]]:
                     break
         if w == "to" and not tgt_c:
             continue
+        if w == "than":  # "is X more efficient than Y": X is compared with Y, not only the adjective
+            k = i - 1
+            while k > 0 and words[k] not in ("more", "less") and not words[k].endswith("er"):
+                k -= 1
+            if k > 0 and i - k <= 3:
+                for x in reversed(words[max(0, k - 4) : k]):
+                    if x in _PHRASE_END or x in ("is", "are", "was", "were", "does", "do", "did"):
+                        break
+                    if x not in _STOP and len(x) > 1:
+                        src_c.append(x)
         sources.update(src_c)
         targets.update(tgt_c)
     return sources, targets
@@ -1050,7 +1153,8 @@ def _direction(low: str, entities: set[str]) -> tuple[set[str], set[str]]:
 @lru_cache(maxsize=8192)
 def features(text: str) -> Features:
     """Extract the guard features of one prompt (cached: a query is compared with many candidates)."""
-    quotes, quote_order, rest = _extract_quotes(_fold(text))
+    folded = _fold(text)
+    quotes, quote_order, rest = _extract_quotes(folded, case_sensitive=bool(_CASE_MATTERS.search(folded)))
     rest = _WS.sub(" ", rest).strip()
     spans, ops = _parse_numbers(rest)
     units, quantities = _parse_units(rest, spans)
@@ -1098,7 +1202,27 @@ def features(text: str) -> Features:
             _QUALIFIER_OF[q] for w in word_set if (q := _POSSESSIVE.sub("", w)) in _QUALIFIER_OF
         ) | {(m.group(1) or m.group(2)).removesuffix("s") for m in _LENGTH_FORMAT.finditer(low)},
         bound=_bind(rest, spans, entities) if len(entities) >= 2 else (),
+        periods=_periods(low),
+        code_ops=tuple(sorted(m.group(0).strip() for m in _CODE_OP.finditer(rest))),
     )
+
+
+_AMOUNT_BEFORE = re.compile(r"\d|\btimes?\b|\bonce\b|\btwice\b")
+
+
+def _periods(low: str) -> tuple[str, ...]:
+    """Rates and periods: "per hour", "/hr", "each month", "in a day", "monthly"; "a week" only after an
+    amount ("$2,800 a week", "3 times a day"; not "a week of hiking")."""
+    out: list[str] = []
+    for m in _RATE.finditer(low):
+        word = m.group(1) or m.group(2)
+        lead = m.group(0).split(None, 1)[0] if m.group(1) else ""
+        if lead in ("a", "an"):
+            before = low[max(0, m.start() - 25) : m.start()]
+            if not before.endswith("in ") and not _AMOUNT_BEFORE.search(before):
+                continue
+        out.append(_PERIOD_OF[word])
+    return tuple(sorted(out))
 
 
 def _bind(rest: str, spans: list[tuple[int, int, float]], entities: set[str]) -> tuple[str, ...]:
@@ -1139,6 +1263,10 @@ def compatible(a: str, b: str) -> tuple[bool, str | None]:
         return False, f"unit: {list(fa.units)} != {list(fb.units)}"
     if fa.quantities != fb.quantities:
         return False, f"unit: {list(fa.quantities)} != {list(fb.quantities)}"
+    if fa.periods != fb.periods:
+        return False, f"unit: periods {list(fa.periods)} != {list(fb.periods)}"
+    if fa.code_ops != fb.code_ops:
+        return False, f"quote: operators {list(fa.code_ops)} != {list(fb.code_ops)}"
     if fa.negations != fb.negations:
         return False, f"negation: {fa.negations} != {fb.negations} negation cue(s)"
     if fa.languages != fb.languages:
@@ -1166,6 +1294,9 @@ def compatible(a: str, b: str) -> tuple[bool, str | None]:
     pair = _transposition(fa.slot_words, fb.slot_words)
     if pair is not None:
         return False, f"direction: {pair[0]!r} and {pair[1]!r} swap places"
+    inserted = _insertion(fa.slot_words, fb.slot_words)
+    if inserted is not None:
+        return False, f"slot: {inserted!r} added to the same sentence"
     swap = _slot_swap(fa.slot_words, fb.slot_words)
     if swap is not None:
         return False, f"slot: {swap[0]!r} vs {swap[1]!r} in the same sentence frame"
