@@ -1,10 +1,14 @@
-"""Exact-cache throughput: requests/s of cache hits vs misses through the loopback fake upstream.
+"""Exact-cache throughput, standalone: requests/s of cache hits vs misses through the loopback fake upstream.
 
     python -m bench.exact_cache [--requests 2000] [--concurrency 16]
 
-The gateway (embedded store) runs as its own process (`tollway serve`); the loopback fake
-upstream and the load (an aiohttp client) share this one, so absolute numbers are lower than
-`python -m bench`; the ratio is the point (issue 5 asks hits >= 3x misses).
+The main bench covers this better: ``python -m bench --variants cache`` (variants ``cache`` and
+``cache-fake``: the fake upstream in its own process, the load from the bench's raw-socket load
+generator, every response's ``x-tollway-cache`` checked, hits warmed first, billing checked).
+This older script is kept for a quick look without the rest of the bench: the gateway
+(embedded store) runs as its own process (`tollway serve`); the loopback fake upstream and the
+load (an aiohttp client) share this one, so absolute numbers are lower than `python -m bench`;
+the ratio is the point (issue 5 asks hits >= 3x misses).
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ from gateway.testing.harness import gateway_config, install_test_env
 from gateway.testing.processes import GatewayProcess
 
 
-async def _load(
-    url: str, key: str, n: int, conc: int, unique: str | None
-) -> tuple[float, dict[str, int]]:
+async def _load(url: str, key: str, n: int, conc: int, unique: str | None) -> tuple[float, dict[str, int]]:
     seen: dict[str, int] = {}
     counter = iter(range(n))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -32,8 +34,14 @@ async def _load(
     async def worker(http: aiohttp.ClientSession) -> None:
         for i in counter:
             text = f"{unique} question {i}" if unique else "the same question"
-            body = orjson.dumps({"model": "gpt-test", "temperature": 0, "max_tokens": 16,
-                                 "messages": [{"role": "user", "content": text}]})
+            body = orjson.dumps(
+                {
+                    "model": "gpt-test",
+                    "temperature": 0,
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": text}],
+                }
+            )
             async with http.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
                 await r.read()
                 assert r.status == 200, r.status
@@ -56,8 +64,9 @@ def _cpu_s(pid: int) -> float:
 async def main(n: int, conc: int) -> None:
     keys = install_test_env()
     async with FakeUpstream() as fake:
-        config = gateway_config(fake.base_url, logging={"level": "ERROR"},
-                                routing={"breaker": {"min_requests": 1_000_000}})
+        config = gateway_config(
+            fake.base_url, logging={"level": "ERROR"}, routing={"breaker": {"min_requests": 1_000_000}}
+        )
         gw = GatewayProcess(config, name="bench-cache")
         try:
             gw.start()

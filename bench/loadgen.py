@@ -12,7 +12,10 @@ streams, the time to first chunk: the moment the first decoded body bytes contai
 breaks, it times out, or the body is not what an OpenAI client expects (a JSON object
 with ``choices``; for streams at least one ``data:`` event and a final
 ``data: [DONE]``). From gateway responses it also collects the ``x-tollway-overhead-ms``,
-``x-tollway-attempts`` and ``x-tollway-deployment`` headers of the successful ones.
+``x-tollway-attempts`` and ``x-tollway-deployment`` headers of the successful ones, and the
+``x-tollway-cache`` header of every 200 response; with ``expect_cache`` a 200 response whose
+``x-tollway-cache`` is not one of the expected values (e.g. a hit where every body is new)
+counts as an error.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import collections
 import socket
 import time
 from array import array
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -64,6 +68,9 @@ class RunResult:
     """Successful responses by their ``x-tollway-attempts`` header (absent: not counted)."""
     deployments: collections.Counter[str] = field(default_factory=collections.Counter)
     """Successful responses by their ``x-tollway-deployment`` header (absent: not counted)."""
+    cache: collections.Counter[str] = field(default_factory=collections.Counter)
+    """200 responses by their ``x-tollway-cache`` header (absent: ``-``), errors of
+    ``expect_cache`` included (so a mismatch shows which value came instead)."""
 
     @property
     def error_count(self) -> int:
@@ -105,6 +112,7 @@ class _Conn(asyncio.Protocol):
         self.overhead_hdr: float | None = None
         self.attempts_hdr = -1
         self.deployment_hdr: bytes | None = None
+        self.cache_hdr = b"-"
         self.lost: asyncio.Future[None] = run.loop.create_future()
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -155,6 +163,7 @@ class _Conn(asyncio.Protocol):
         self.overhead_hdr = None
         self.attempts_hdr = -1
         self.deployment_hdr = None
+        self.cache_hdr = b"-"
         self.body.clear()
         self.t0 = _perf_ns()
         self.transport.write(request)
@@ -279,6 +288,8 @@ class _Conn(asyncio.Protocol):
                 self.attempts_hdr = int(value)
             elif name == b"x-tollway-deployment":
                 self.deployment_hdr = value.strip()
+            elif name == b"x-tollway-cache":
+                self.cache_hdr = value.strip()
         except ValueError:
             pass
 
@@ -308,17 +319,20 @@ class LoadRun:
         self,
         host: str,
         port: int,
-        request: bytes,
+        request: bytes | Sequence[bytes],
         *,
         total: int,
         concurrency: int,
         stream: bool,
         timeout_s: float = 30.0,
+        expect_cache: Collection[str] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host = host
         self.port = port
-        self.request = request
+        self.requests: Sequence[bytes] = (request,) if isinstance(request, bytes) else request
+        """Sent in turn (request i is ``requests[i % len(requests)]``): one, or e.g. distinct
+        bodies so that no two requests are the same (cache misses)."""
         self.total = total
         self.concurrency = max(1, min(concurrency, total))
         self.stream = stream
@@ -331,6 +345,11 @@ class LoadRun:
         self.errors: collections.Counter[str] = collections.Counter()
         self.attempts: collections.Counter[int] = collections.Counter()
         self.deployments: collections.Counter[bytes] = collections.Counter()
+        self.cache: collections.Counter[bytes] = collections.Counter()
+        self.expect_cache = (
+            frozenset(v.encode("latin-1") for v in expect_cache) if expect_cache is not None else None
+        )
+        """``x-tollway-cache`` values a 200 response must carry (None: not checked)."""
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.conns: set[_Conn] = set()
         self.reconnects = 0
@@ -367,6 +386,9 @@ class LoadRun:
     def _check(self, conn: _Conn) -> str | None:
         if conn.status != 200:
             return f"HTTP {conn.status}"
+        self.cache[conn.cache_hdr] += 1
+        if self.expect_cache is not None and conn.cache_hdr not in self.expect_cache:
+            return f"x-tollway-cache {conn.cache_hdr.decode('latin-1')}"
         body = bytes(conn.body)
         if self.stream:
             if conn.ttfc < 0:
@@ -390,8 +412,9 @@ class LoadRun:
     def _next(self, conn: _Conn) -> None:
         if self.issued >= self.total or conn.transport is None:
             return
+        reqs = self.requests
+        conn.send(reqs[self.issued % len(reqs)])
         self.issued += 1
-        conn.send(self.request)
 
     # -- running -------------------------------------------------------------------------
 
@@ -462,20 +485,24 @@ class LoadRun:
             errors=self.errors,
             attempts=self.attempts,
             deployments=collections.Counter({k.decode("latin-1"): v for k, v in self.deployments.items()}),
+            cache=collections.Counter({k.decode("latin-1"): v for k, v in self.cache.items()}),
         )
 
 
 async def run_load(
     host: str,
     port: int,
-    request: bytes,
+    request: bytes | Sequence[bytes],
     *,
     total: int,
     concurrency: int,
     stream: bool,
     timeout_s: float = 30.0,
+    expect_cache: Collection[str] | None = None,
 ) -> RunResult:
-    """Run ``total`` requests at ``concurrency`` and return the measurements."""
+    """Run ``total`` requests at ``concurrency`` and return the measurements. ``request``: one
+    request (sent every time) or several, sent in turn. ``expect_cache``: the
+    ``x-tollway-cache`` values a 200 response must carry, else it counts as an error."""
     return await LoadRun(
         host,
         port,
@@ -484,4 +511,5 @@ async def run_load(
         concurrency=concurrency,
         stream=stream,
         timeout_s=timeout_s,
+        expect_cache=expect_cache,
     ).run()

@@ -163,12 +163,13 @@ def start_upstream(
     timeout_s: float = 10.0,
     args: Sequence[str] = (),
     name: str = "upstream",
+    module: str = "bench.fast_upstream",
 ) -> tuple[Child, int]:
-    """Start ``python -m bench.fast_upstream [args]`` and read its port from its first stdout
-    line."""
+    """Start ``python -m <module> --port 0 [args]`` (``bench.fast_upstream`` or
+    ``bench.fake_upstream_proc``) and read its port from its first stdout line."""
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fast_upstream", "--port", "0", *args],
+        [sys.executable, "-m", module, "--port", "0", *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

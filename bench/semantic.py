@@ -1,57 +1,52 @@
-"""Semantic-cache lookup bench: ``python -m bench.semantic [--entries N] [--requests N]``.
+"""Semantic-cache lookup bench, in process: ``python -m bench.semantic [--quick] [--requests N]``.
 
 A lookup is what the gateway does on a semantic-cache read: embed the last user message (micro-batched, in
 the embedder's thread) and search the (team, model) FAISS index in that same thread. The index is filled
-with ``--entries`` random normalised vectors plus the embeddings of a few hundred real prompts, so that
-lookups find real neighbours. A 1 ms ticker task measures the event loop's own lag during each run.
-Prints one markdown table.
+with ``--entries`` random normalised vectors (default 100000) plus the embeddings of ``--seeds`` real
+prompts (default 500), so that lookups find real neighbours. A 1 ms ticker task measures the event loop's
+own lag during each run. Prints one markdown table on stdout (progress on stderr).
+
+Rows: the idle loop (the lag floor), lookups at concurrency 1 and 32 (``--requests`` each, default 1000),
+the same at 32 with the search not batched, FAISS search alone (200 queries), and the embedder's
+throughput (``--embed-texts`` texts, default 1024, as one request and as concurrent singles). "process
+CPU ms/op": CPU of this whole process (all threads) per lookup / search / text. FAISS runs with one
+OpenMP thread (``--faiss-threads``, default 1; 0 keeps FAISS's default of one per core, which is what the
+gateway runs with: it never sets it).
+``--quick``: 100 requests, 20000 entries, 100 seeds, 128 embed texts (unless given).
+
+``python -m bench`` runs this as a child process (its semantic section) and also asks it to save the
+index it built for the gateway: ``--save-index DIR --team T --body JSON`` builds the index in the
+partition the semantic cache plugin would use for requests of that body's shape from team ``T``
+(``f"{T}:{prefix_digest(model, 'chat', body)}"``, model = the body's ``model``), with the metadata
+the plugin writes (``{"text", "key"}``; the keys are not in any store), and saves it to ``DIR``
+(``SemanticIndex.save``) after the table, for ``cache.semantic.index_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
+from bench.prompts import SUBJECTS, TEMPLATES
 from gateway.cache.embedder import Embedder
 from gateway.cache.index import SemanticIndex
 
 PARTITION = "team-bench"
 MODEL = "gpt-bench"
 
-SUBJECTS = [
-    "a list in Python",
-    "a string in JavaScript",
-    "a binary tree",
-    "the French revolution",
-    "photosynthesis",
-    "a mortgage",
-    "the TCP handshake",
-    "a sourdough starter",
-    "black holes",
-    "the Roman empire",
-    "a Kubernetes pod",
-    "compound interest",
-    "the immune system",
-    "a SQL join",
-    "climate change",
-]
-TEMPLATES = [
-    "Explain {s} to a ten year old.",
-    "What is {s}?",
-    "Give me three facts about {s}.",
-    "How does {s} work?",
-    "Write a short summary of {s}.",
-    "What are common mistakes with {s}?",
-    "Compare {s} with something similar.",
-    "Why does {s} matter?",
-]
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def prompts(n: int, seed: int) -> list[str]:
@@ -91,6 +86,12 @@ class LagMeter:
         self._stop.set()
 
 
+def cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -113,7 +114,21 @@ async def run_lookups(
     return latencies, time.perf_counter() - t0
 
 
-async def main_async(entries: int, requests: int, torch_threads: int | None) -> None:
+async def main_async(
+    entries: int,
+    requests: int,
+    torch_threads: int | None,
+    *,
+    seeds: int = 500,
+    embed_texts: int = 1024,
+    partition: str = PARTITION,
+    model: str = MODEL,
+    save_dir: str | None = None,
+    faiss_threads: int = 1,
+) -> None:
+    """Build the index, run the lookups, print the table; with `save_dir`, then save the index
+    (entries with the semantic cache plugin's metadata) there."""
+    with_meta = save_dir is not None
     batches: list[int] = []
     t0 = time.perf_counter()
     embedder = Embedder(on_batch=lambda n, _s: batches.append(n), num_threads=torch_threads)
@@ -123,35 +138,46 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
 
     import faiss
 
-    faiss.omp_set_num_threads(1)  # leave the other core to the event loop
+    omp_default = faiss.omp_get_max_threads()
+    if faiss_threads:
+        faiss.omp_set_num_threads(faiss_threads)  # 1: leave the other core to the event loop
 
     index = SemanticIndex()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     filler = rng.standard_normal((entries, index.dim)).astype(np.float32)
     filler /= np.linalg.norm(filler, axis=1, keepdims=True)
-    index.add_batch(PARTITION, MODEL, filler, [f"filler-{i}" for i in range(entries)])
+    ids = [f"filler-{i}" for i in range(entries)]
+    metas: list[Any] | None = None
+    if with_meta:
+        metas = [{"text": f"filler {i}", "key": f"bench-{i}"} for i in ids]
+    index.add_batch(partition, model, filler, ids, metas)
     del filler
-    seeded = prompts(500, seed=1)
+    seeded = prompts(seeds, seed=1)
     vecs = await embedder.embed(seeded)
-    index.add_batch(PARTITION, MODEL, vecs, [f"real-{i}" for i in range(len(seeded))])
+    ids = [f"real-{i}" for i in range(len(seeded))]
+    metas = None
+    if with_meta:
+        metas = [{"text": t, "key": f"bench-{i}"} for i, t in zip(ids, seeded, strict=True)]
+    index.add_batch(partition, model, vecs, ids, metas)
     fill_s = time.perf_counter() - t0
     rss_index_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def search_rows(m: np.ndarray) -> list[list[tuple[str, float]]]:
-        return [hits for hits, _metas in index.search_batch(PARTITION, MODEL, m, 1)]
+        return [hits for hits, _metas in index.search_batch(partition, model, m, 1)]
 
     async def lookup(text: str) -> object:
         # what the cache does: embedding and search in the worker, both batched with concurrent lookups
-        return await embedder.embed_then(text, (PARTITION, MODEL, 1), search_rows)
+        return await embedder.embed_then(text, (partition, model, 1), search_rows)
 
     async def lookup_unbatched_search(text: str) -> object:
         vec = await embedder.embed([text])
-        return await embedder.run_in_worker(index.search, PARTITION, MODEL, vec, 1)
+        return await embedder.run_in_worker(index.search, partition, model, vec, 1)
 
     await run_lookups(lookup, prompts(64, seed=2), 8)  # warm-up
 
     # the event loop's lag with nothing running: the floor of the lag columns below
+    c0 = cpu_s()
     with LagMeter() as idle:
         await asyncio.sleep(2.0)
         await idle.stop()
@@ -163,6 +189,7 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
             "-",
             "-",
             "0",
+            f"{(cpu_s() - c0) * 1000 / 2:.1f} per s",
             f"{max(idle.lags) * 1000:.2f} / {pct(idle.lags, 99) * 1000:.2f}",
         )
     ]
@@ -174,9 +201,11 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
         texts = prompts(requests, seed=10 + concurrency)
         batches.clear()
         calls0 = embedder.model_calls
+        c0 = cpu_s()
         with LagMeter() as lag:
             latencies, wall = await run_lookups(fn, texts, concurrency)
             await lag.stop()
+        cpu = (cpu_s() - c0) * 1000 / len(texts)
         calls = embedder.model_calls - calls0
         rows.append(
             (
@@ -186,17 +215,19 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
                 f"{len(texts) / wall:.0f}",
                 f"{statistics.mean(batches):.1f}" if batches else "-",
                 f"{calls}",
+                f"{cpu:.1f}",
                 f"{max(lag.lags) * 1000:.2f} / {pct(lag.lags, 99) * 1000:.2f}",
             )
         )
 
     # search alone (no embedding), one query at a time, in the worker thread
     q = await embedder.embed(prompts(200, seed=99))
+    c0 = cpu_s()
     with LagMeter() as lag:
         t_search: list[float] = []
         for row in q:
             t0 = time.perf_counter()
-            await embedder.run_in_worker(index.search, PARTITION, MODEL, row, 1)
+            await embedder.run_in_worker(index.search, partition, model, row, 1)
             t_search.append(time.perf_counter() - t0)
         await lag.stop()
     rows.append(
@@ -207,17 +238,19 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
             f"{len(q) / sum(t_search):.0f}",
             "-",
             "0",
+            f"{(cpu_s() - c0) * 1000 / len(q):.1f}",
             f"{max(lag.lags) * 1000:.2f} / {pct(lag.lags, 99) * 1000:.2f}",
         )
     )
 
     # embedder throughput: one big request (chunks of max_batch), and many concurrent single texts
     for label, n, conc in (
-        ("embed, one request of 1024 texts", 1024, 0),
-        ("embed, 1024 singles x 64 conc", 1024, 64),
+        (f"embed, one request of {embed_texts} texts", embed_texts, 0),
+        (f"embed, {embed_texts} singles x 64 conc", embed_texts, 64),
     ):
         texts = prompts(n, seed=123)
         batches.clear()
+        c0 = cpu_s()
         with LagMeter() as lag:
             t0 = time.perf_counter()
             if conc == 0:
@@ -235,6 +268,7 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
                 f"{n / wall:.0f} texts/s",
                 f"{statistics.mean(batches):.1f}",
                 f"{len(batches)}",
+                f"{(cpu_s() - c0) * 1000 / n:.1f}",
                 f"{max(lag.lags) * 1000:.2f} / {pct(lag.lags, 99) * 1000:.2f}",
             )
         )
@@ -242,32 +276,85 @@ async def main_async(entries: int, requests: int, torch_threads: int | None) -> 
     print(
         f"\nSemantic cache bench: {index.size()} entries in one (team, model) index "
         f"(IndexIDMap2/IndexFlatIP, dim {index.dim}); all-MiniLM-L6-v2 on CPU, torch threads "
-        f"{embedder.num_threads}, faiss threads 1, {os.cpu_count()} cores; micro-batch window "
+        f"{embedder.num_threads}, faiss threads {faiss_threads or f'{omp_default} (its default)'}, "
+        f"{os.cpu_count()} cores; micro-batch window "
         f"{embedder.window_s * 1000:.0f} ms, max batch {embedder.max_batch}.\nModel load {load_s:.1f} s "
         f"(incl. imports), RSS with model {rss_model_mb:.0f} MB, with index {rss_index_mb:.0f} MB "
         f"(fill {fill_s:.1f} s).\n"
     )
-    print("| run | p50 ms | p99 ms | throughput /s | mean batch | model calls | loop lag max / p99 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| run | p50 ms | p99 ms | throughput /s | mean batch | model calls | process CPU ms/op "
+        "| loop lag max / p99 ms |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    sys.stdout.flush()
     await embedder.close()
+    if save_dir is not None:
+        t0 = time.perf_counter()
+        index.save(save_dir)
+        log(
+            f"bench.semantic: saved {index.size()} entries in partition {partition!r}, model {model!r} "
+            f"to {save_dir} in {time.perf_counter() - t0:.1f} s"
+        )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--entries", type=int, default=100_000)
-    ap.add_argument("--requests", type=int, default=1000)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests and entries (a smoke run)")
+    ap.add_argument("--entries", type=int, default=None, help="random entries (default 100000; quick 20000)")
+    ap.add_argument("--requests", type=int, default=None, help="lookups per run (default 1000; quick 100)")
+    ap.add_argument("--seeds", type=int, default=None, help="real prompts indexed (default 500; quick 100)")
+    ap.add_argument(
+        "--embed-texts", type=int, default=None, help="texts of the embedder rows (default 1024; quick 128)"
+    )
     ap.add_argument("--torch-threads", type=int, default=None, help="default: cores - 1")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--faiss-threads",
+        type=int,
+        default=1,
+        help="FAISS OpenMP threads (default 1; 0: leave FAISS's default, one per core, as the gateway does)",
+    )
+    ap.add_argument("--save-index", metavar="DIR", help="save the index there after the run (see above)")
+    ap.add_argument("--team", default="bench", help="with --save-index: the team id of the partition")
+    ap.add_argument("--body", help="with --save-index: a request body (JSON) of the gateway's request shape")
+    args = ap.parse_args(argv)
+    quick = args.quick
+
+    def pick(value: int | None, full: int, small: int) -> int:
+        return value if value is not None else (small if quick else full)
+
+    partition, model = PARTITION, MODEL
+    if args.save_index is not None:
+        if args.body is None:
+            ap.error("--save-index needs --body")
+        from gateway.plugins.semantic_cache import prefix_digest
+
+        body = json.loads(args.body)
+        model = str(body["model"])
+        partition = f"{args.team}:{prefix_digest(model, 'chat', body)}"
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main_async(args.entries, args.requests, args.torch_threads))
+    asyncio.run(
+        main_async(
+            pick(args.entries, 100_000, 20_000),
+            pick(args.requests, 1000, 100),
+            args.torch_threads,
+            seeds=pick(args.seeds, 500, 100),
+            embed_texts=pick(args.embed_texts, 1024, 128),
+            partition=partition,
+            model=model,
+            save_dir=args.save_index,
+            faiss_threads=args.faiss_threads,
+        )
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
