@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.api import ops_routes
-from gateway.api.admin_routes import AdminRoutes
+from gateway.api.admin_routes import AdminRoutes, SemanticCacheAdmin
 from gateway.api.errors import error_middleware
 from gateway.api.keys import LOOPMON, PIPELINE, READY, ROUTER, SETTINGS, STORE
 from gateway.api.openai_routes import OpenAIRoutes
@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> web.Application:
     providers = {name: build_provider(name, p) for name, p in settings.providers.items()}
     router = Router(settings, providers, store, registry)
     plugins: list[Plugin] = []
+    semantic: SemanticCacheAdmin | None = None
     for ref in settings.plugins:
         if ref.name == "semantic_cache":
             exact = next((p for p in plugins if isinstance(p, ExactCachePlugin)), None)
@@ -83,7 +84,9 @@ def create_app(settings: Settings) -> web.Application:
                 raise ConfigError("plugins: semantic_cache must come after exact_cache")
             from gateway.plugins.semantic_cache import SemanticCachePlugin  # late: numpy, faiss
 
-            plugins.append(SemanticCachePlugin(settings, store, registry, exact))
+            semantic_plugin = SemanticCachePlugin(settings, store, registry, exact)
+            plugins.append(semantic_plugin)
+            semantic = semantic_plugin
         elif (p := build_plugin(ref, settings, store, prices, registry)) is not None:
             plugins.append(p)
     if not any(isinstance(p, AccessPlugin) for p in plugins):
@@ -105,7 +108,7 @@ def create_app(settings: Settings) -> web.Application:
 
     openai_routes = OpenAIRoutes(app)
     openai_routes.add_to(app.router)
-    AdminRoutes(app).add_to(app.router)
+    AdminRoutes(app, semantic).add_to(app.router)
     ops_routes.add_to(app.router)
     for plugin in plugins:
         for method, path, handler in plugin.routes():

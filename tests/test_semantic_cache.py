@@ -1,19 +1,39 @@
 """Issue 5: the semantic cache — paraphrase hits, guard vetoes, exact earlier turns, per-team
-partitions, streamed replay of a semantic hit, window limit, per-model opt-out, persistence."""
+partitions, streamed replay of a semantic hit, window limit (checked off the event loop), per-model
+opt-out, persistence, admin purge of the vectors (also across replicas) and per-team statistics."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import openai
+import orjson
 import pytest
-from helpers import StartGateway, metric_value, metrics_text
+from aiohttp import web
+from helpers import AdminClient, StartGateway, metric_value, metrics_text
+from prometheus_client import CollectorRegistry
 
-from gateway.plugins.semantic_cache import last_user_text, prefix_digest
-from gateway.settings import ConfigError
+from gateway.api.keys import PIPELINE
+from gateway.cache.feed import (
+    FeedAdd,
+    FeedError,
+    FeedPurge,
+    decode_feed_entry,
+    encode_feed_entry,
+    encode_purge_entry,
+)
+from gateway.plugins.exact_cache import ExactCachePlugin
+from gateway.plugins.semantic_cache import SemanticCachePlugin, _Add, last_user_text, prefix_digest
+from gateway.settings import ConfigError, settings_from_dict
+from gateway.store.embedded import EmbeddedStore
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config, running_gateway
 
@@ -377,3 +397,293 @@ async def test_index_stops_growing_at_max_entries(
     assert h["x-tollway-cache"] == "miss"
     h, _ = await ask(url, keys.team_a, user("What's the capital city of France?"))
     assert h["x-tollway-cache"] == "hit-semantic"
+
+
+# ---- the window check runs off the event loop ----------------------------------------------------
+
+
+class ThreadSpy:
+    """Wraps the embedder's tokenizer: records the thread of every encode() call."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.threads: list[threading.Thread] = []
+
+    def encode(self, *args: Any, **kw: Any) -> Any:
+        self.threads.append(threading.current_thread())
+        return self.inner.encode(*args, **kw)
+
+
+@asynccontextmanager
+async def running_app(config: dict[str, Any]) -> AsyncIterator[tuple[str, web.Application]]:
+    """Like `running_gateway`, also yielding the app (to reach the plugin's embedder)."""
+    from gateway.app import create_app
+
+    app = create_app(settings_from_dict(config, "<test config>"))
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
+    finally:
+        await runner.cleanup()
+
+
+async def test_window_check_of_a_long_prompt_runs_off_the_event_loop(
+    fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    async with running_app(gateway_config(fake.base_url, plugins=PLUGINS)) as (url, app):
+        await wait_ready(http, url)
+        plugin = next(p for p in app[PIPELINE].plugins if isinstance(p, SemanticCachePlugin))
+        spy = ThreadSpy(plugin.embedder._tokenizer)
+        plugin.embedder._tokenizer = spy
+        # ~4.7k characters: only tokenizing can tell (1733 word pieces: over the 256 window)
+        long = "Summarise this: " + " ".join(f"word{i}" for i in range(600))
+        h, _ = await ask(url, keys.team_a, user(long))
+        assert h["x-tollway-cache"] == "miss"
+        # Cache-Control: no-cache skips the lookup, the answer is stored: indexing checks the window too
+        h, _ = await ask(url, keys.team_a, user(long + " again"), extra_headers={"Cache-Control": "no-cache"})
+        assert h["x-tollway-cache"] == "miss"
+        # 915 characters, 193 word pieces: fits, so it is indexed
+        fits = "Please summarise these notes from our planning meeting: " + " ".join(
+            f"point {i} is about the budget" for i in range(30)
+        )
+        h, _ = await ask(url, keys.team_a, user(fits))
+        assert h["x-tollway-cache"] == "miss"
+        await wait_entries(http, url, 1)
+        await asyncio.sleep(0.2)
+        assert (await semantic_state(http, url))["entries"] == 1
+        h, _ = await ask(url, keys.team_a, user(long))
+        assert h["x-tollway-cache"] == "hit-exact"
+        assert len(spy.threads) >= 3
+        assert all(t.name.startswith("tollway-embed") for t in spy.threads), spy.threads
+        assert threading.main_thread() not in spy.threads  # the event loop's thread never tokenizes
+
+
+# ---- admin: purge and statistics -----------------------------------------------------------------
+
+FRANCE = "What is the capital of France?"
+FRANCE_2 = "Tell me what the capital of France is."
+FRANCE_3 = "Tell me the capital of France."
+REVERSE = "How do I reverse a list in Python?"
+REVERSE_2 = "How can I reverse a Python list?"
+
+
+async def ask_model(base_url: str, key: str, model: str, text: str) -> str:
+    async with sdk(base_url, key) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=model, messages=user(text), temperature=0
+        )
+    return raw.headers["x-tollway-cache"]
+
+
+async def team_stats(admin: AdminClient, team: str | None = None) -> dict[str, Any]:
+    teams: dict[str, Any] = (
+        await admin.ok("GET", "/admin/cache/stats" + (f"?team_id={team}" if team else ""))
+    )["teams"]
+    return teams
+
+
+async def wait_team_vectors(admin: AdminClient, team: str, n: int, limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while (got := (await team_stats(admin, team)).get(team, {}).get("semantic_entries", 0)) != n:
+        assert time.monotonic() < deadline, f"{team}: {got} semantic entries, expected {n}"
+        await asyncio.sleep(0.02)
+
+
+async def test_purge_by_team_drops_its_vectors_at_once_and_stats_count_them(
+    sem: str, fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    admin = AdminClient(http, sem, keys.admin)
+    fake.enqueue(Behaviour(content="team A: Paris."))
+    await ask(sem, keys.team_a, user(FRANCE))
+    fake.enqueue(Behaviour(content="team B: Paris."))
+    await ask(sem, keys.team_b, user(FRANCE))
+    await wait_entries(http, sem, 2)
+    h, _ = await ask(sem, keys.team_a, user(FRANCE_2))
+    assert h["x-tollway-cache"] == "hit-semantic"
+    teams = await team_stats(admin)
+    a, b = teams["team-a"], teams["team-b"]
+    assert a["bytes"] > 0
+    # team A: one miss (FRANCE), one semantic hit (FRANCE_2 missed exactly, then hit semantically)
+    assert {k: v for k, v in a.items() if k != "bytes"} == {
+        "entries": 1, "hits": 1, "misses": 1, "exact_hits": 0, "semantic_hits": 1, "semantic_entries": 1,
+    }
+    assert (b["entries"], b["hits"], b["misses"], b["semantic_entries"]) == (1, 0, 1, 1)
+
+    out = await admin.ok("DELETE", "/admin/cache?team_id=team-a")
+    assert out == {"deleted": 1, "semantic_deleted": 1, "team_id": "team-a", "model": None}
+    # at once: not when each vector is next hit and found without its answer
+    assert (await semantic_state(http, sem))["entries"] == 1
+    teams = await team_stats(admin)
+    assert (teams["team-a"]["entries"], teams["team-a"]["semantic_entries"]) == (0, 0)
+    assert (teams["team-b"]["entries"], teams["team-b"]["semantic_entries"]) == (1, 1)
+    assert metric_value(await metrics_text(http, sem), "tollway_cache_semantic_index_entries") == 1
+
+    fake.enqueue(Behaviour(content="team A: Paris, again."))
+    h, text = await ask(sem, keys.team_a, user(FRANCE_3))
+    assert h["x-tollway-cache"] == "miss" and text == "team A: Paris, again."
+    h, text = await ask(sem, keys.team_b, user(FRANCE_3))
+    assert h["x-tollway-cache"] == "hit-semantic" and text == "team B: Paris."
+    teams = await team_stats(admin)
+    assert (teams["team-a"]["hits"], teams["team-a"]["misses"]) == (1, 2)
+    assert (teams["team-b"]["semantic_hits"], teams["team-b"]["misses"]) == (1, 1)
+
+
+async def test_purge_by_model_by_team_and_model_and_everything(
+    sem: str, fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    admin = AdminClient(http, sem, keys.admin)
+    await ask_model(sem, keys.team_a, "gpt-test", FRANCE)
+    await ask_model(sem, keys.team_a, "gpt-openai", FRANCE)
+    await ask_model(sem, keys.team_b, "gpt-test", FRANCE)
+    await wait_entries(http, sem, 3)
+    teams = await team_stats(admin)
+    assert (teams["team-a"]["semantic_entries"], teams["team-b"]["semantic_entries"]) == (2, 1)
+
+    out = await admin.ok("DELETE", "/admin/cache?model=gpt-openai")
+    assert (out["deleted"], out["semantic_deleted"]) == (1, 1)
+    assert await ask_model(sem, keys.team_a, "gpt-openai", FRANCE_2) == "miss"
+    assert await ask_model(sem, keys.team_a, "gpt-test", FRANCE_2) == "hit-semantic"  # other model: kept
+    await wait_entries(http, sem, 3)  # the gpt-openai miss was indexed again
+
+    out = await admin.ok("DELETE", "/admin/cache?team_id=team-b&model=gpt-test")
+    assert (out["deleted"], out["semantic_deleted"]) == (1, 1)
+    teams = await team_stats(admin)
+    assert (teams["team-a"]["semantic_entries"], teams["team-b"]["semantic_entries"]) == (2, 0)
+    only_a = await team_stats(admin, "team-a")
+    assert set(only_a) == {"team-a"} and only_a["team-a"]["semantic_entries"] == 2
+
+    out = await admin.ok("DELETE", "/admin/cache")
+    assert (out["deleted"], out["semantic_deleted"]) == (2, 2)
+    assert (await semantic_state(http, sem))["entries"] == 0
+    assert all(t["semantic_entries"] == 0 for t in (await team_stats(admin)).values())
+
+
+async def test_purge_reaches_the_other_replicas_and_later_ones_on_redis(
+    fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    from gateway.testing.redis_server import RedisServer
+
+    with RedisServer() as srv:
+        store = {"backend": "redis", "url": srv.url, "prefix": "sem-purge:"}
+        config = gateway_config(
+            fake.base_url, plugins=PLUGINS, store=store, cache={"semantic": {"sync_interval_s": 0.05}}
+        )
+        async with running_gateway(config) as one, running_gateway(config) as two:
+            await wait_ready(http, one)
+            await wait_ready(http, two)
+            admin_one, admin_two = AdminClient(http, one, keys.admin), AdminClient(http, two, keys.admin)
+            fake.enqueue(Behaviour(content="A: Paris."))
+            await ask(one, keys.team_a, user(FRANCE))
+            fake.enqueue(Behaviour(content="A: reverse it."))
+            await ask(two, keys.team_a, user(REVERSE))  # indexed by two itself
+            fake.enqueue(Behaviour(content="B: Paris."))
+            await ask(one, keys.team_b, user(FRANCE))
+            await wait_entries(http, one, 3)
+            await wait_entries(http, two, 3)
+            h, _ = await ask(two, keys.team_a, user(FRANCE_2))
+            assert h["x-tollway-cache"] == "hit-semantic"
+
+            out = await admin_one.ok("DELETE", "/admin/cache?team_id=team-a")
+            assert (out["deleted"], out["semantic_deleted"]) == (2, 2)
+            # two drops them when it next reads the feed, its own entry too; team B's stay
+            await wait_team_vectors(admin_two, "team-a", 0)
+            assert (await team_stats(admin_two, "team-b"))["team-b"]["semantic_entries"] == 1
+            assert (await team_stats(admin_two, "team-a"))["team-a"]["semantic_hits"] == 1  # store-wide
+
+            # entries written after the purge stay, on every replica
+            fake.enqueue(Behaviour(content="A: Paris, after the purge."))
+            h, _ = await ask(two, keys.team_a, user(FRANCE_3))
+            assert h["x-tollway-cache"] == "miss"
+            fake.enqueue(Behaviour(content="A: reversed() or slicing."))
+            h, _ = await ask(two, keys.team_a, user(REVERSE))
+            assert h["x-tollway-cache"] == "miss"
+            await wait_team_vectors(admin_one, "team-a", 2)
+            h, text = await ask(one, keys.team_a, user(REVERSE_2))
+            assert h["x-tollway-cache"] == "hit-semantic" and text == "A: reversed() or slicing."
+        # a replica started later replays the feed: the purge drops what came before it, not after
+        async with running_gateway(config) as three:
+            await wait_ready(http, three)
+            admin_three = AdminClient(http, three, keys.admin)
+            teams = await team_stats(admin_three)
+            assert (teams["team-a"]["semantic_entries"], teams["team-b"]["semantic_entries"]) == (2, 1)
+            h, text = await ask(three, keys.team_a, user(FRANCE_2))
+            assert h["x-tollway-cache"] == "hit-semantic" and text == "A: Paris, after the purge."
+
+
+# ---- purge tombstones and the feed's records (unit) ----------------------------------------------
+
+
+def unit_vector(seed: int) -> Any:
+    v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def bare_plugin(fake: FakeUpstream, tmp_path: Path) -> SemanticCachePlugin:
+    """A plugin that is never started: its worker-thread functions are called from the test."""
+    settings = settings_from_dict(gateway_config(fake.base_url, plugins=PLUGINS), "<t>")
+    store = EmbeddedStore(tmp_path / "tollway.db")
+    registry = CollectorRegistry()
+    return SemanticCachePlugin(settings, store, registry, ExactCachePlugin(settings, store, registry))
+
+
+def test_a_purge_drops_what_was_indexed_before_it_in_any_order(
+    fake: FakeUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    now = time.time()
+
+    def add(team: str, model: str, key: str, at: float) -> _Add:
+        return _Add(f"{team}:digest", model, unit_vector(len(key) + ord(key[-1])), key, "q", 600.0, at)
+
+    before = [add("team-a", "gpt-test", "a1", now - 10), add("team-b", "gpt-test", "b1", now - 10),
+              add("team-a", "gpt-openai", "ao", now - 10)]
+    late = add("team-a", "gpt-test", "a2", now - 6)  # indexed before the purge, arrives after it
+    after = add("team-a", "gpt-test", "a3", now - 1)
+    orders = [
+        [*before, "purge", late, after],
+        [after, late, "purge", *before],
+        [late, "purge", after, *before],
+    ]
+    for order in orders:
+        plugin = bare_plugin(fake, tmp_path)
+        tomb = plugin._tombstone("team-a", "gpt-test", now - 5)
+        plugin._apply([tomb if op == "purge" else op for op in order])  # type: ignore[misc]
+        assert set(plugin.index.entry_ids("team-a:digest", "gpt-test")) == {"a3"}, order
+        assert set(plugin.index.entry_ids("team-a:digest", "gpt-openai")) == {"ao"}
+        assert set(plugin.index.entry_ids("team-b:digest", "gpt-test")) == {"b1"}
+        assert plugin._size == 3
+    # an entry saved by an older version (no "at") predates every purge; a purge of everything
+    plugin.index.add("team-b:old", "gpt-test", unit_vector(7), "old", {"text": "q", "key": "old"})
+    assert plugin._apply([plugin._tombstone(None, None, now)]) == (0, 4)
+    assert plugin.index.size() == 0
+
+
+def test_feed_records_round_trip_and_old_records_still_decode() -> None:
+    v = unit_vector(1)
+    rec = decode_feed_entry(encode_feed_entry("r1", "team-a:d", "gpt-test", "q", "k", v, 1000.0, 900.0), 384)
+    assert isinstance(rec, FeedAdd)
+    assert (rec.replica, rec.partition, rec.model, rec.text, rec.key, rec.expires, rec.at) == (
+        "r1", "team-a:d", "gpt-test", "q", "k", 1000.0, 900.0,
+    )
+    assert np.array_equal(rec.vec, v)
+    # a record written before purges existed: no kind, no "a" (so it predates every purge)
+    header = {"r": "r0", "p": "t:d", "m": "m", "t": "q", "k": "k", "x": 1000.0}
+    old = orjson.dumps(header) + b"\n" + v.tobytes()
+    rec = decode_feed_entry(old, 384)
+    assert isinstance(rec, FeedAdd) and rec.at == 0.0
+    purge = encode_purge_entry("r1", "team-a", None, 950.0)
+    assert decode_feed_entry(purge, 384) == FeedPurge("r1", "team-a", None, 950.0)
+    assert purge.partition(b"\n")[2] == b""  # no vector: replicas that predate purges drop it as malformed
+    assert decode_feed_entry(orjson.dumps({"kind": "resize", "r": "r2"}) + b"\n", 384) is None
+    for bad in (
+        b"no newline",
+        b"[1]\n",
+        b"{not json\n",
+        orjson.dumps({"kind": "purge", "r": "r1"}) + b"\n",
+        orjson.dumps({"kind": "purge", "r": "r1", "team": 3, "ts": 1.0}) + b"\n",
+        old[:-4],
+    ):
+        with pytest.raises(FeedError):
+            decode_feed_entry(bad, 384)

@@ -7,7 +7,7 @@ import hmac
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, Protocol, TypeVar, cast, get_args
 
 import orjson
 from aiohttp import web
@@ -23,7 +23,7 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.plugins.access import AccessPlugin, client_key, hash_key
-from gateway.store.base import GroupBy, KeyRecord, Scope, Store, TeamRecord
+from gateway.store.base import CacheStats, GroupBy, KeyRecord, Scope, Store, TeamRecord
 
 KEY_PREFIX = "sk-tw-"
 M = TypeVar("M", bound=BaseModel)
@@ -61,9 +61,24 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class SemanticCacheAdmin(Protocol):
+    """What the admin API needs of the semantic cache (its plugin, when configured). A protocol, so
+    that this module never imports the plugin: the semantic extra (torch, faiss) is optional."""
+
+    async def purge_index(self, team: str | None, model: str | None) -> int:
+        """Drop the vectors of a team's partitions (or "shared") and/or a model (None: all) on this
+        replica, and have the other replicas drop them; returns how many were dropped here."""
+        ...
+
+    async def index_entries(self, team: str | None = None) -> dict[str, int]:
+        """Vectors in this replica's index per team (or only `team`)."""
+        ...
+
+
 class AdminRoutes:
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, semantic: SemanticCacheAdmin | None = None) -> None:
         self.app = app
+        self.semantic = semantic
 
     @property
     def store(self) -> Store:
@@ -314,19 +329,29 @@ class AdminRoutes:
 
     async def cache_purge(self, request: web.Request) -> web.Response:
         """Delete cached answers of a team (its partition; "shared" for the shared one) and/or
-        a model; with neither, all of them."""
+        a model; with neither, all of them. The semantic cache's vectors of those answers go too:
+        `semantic_deleted` counts those dropped on this replica (the others drop theirs when they
+        next read the feed)."""
         self._authorize(request)
         q = request.query
         team, model = q.get("team_id") or None, q.get("model") or None
         deleted = await self.store.cache_purge(team, model)
-        return _json({"deleted": deleted, "team_id": team, "model": model})
+        semantic = await self.semantic.purge_index(team, model) if self.semantic is not None else 0
+        return _json({"deleted": deleted, "semantic_deleted": semantic, "team_id": team, "model": model})
 
     async def cache_stats(self, request: web.Request) -> web.Response:
-        """Per team: live entries and their bytes (by partition), hits and misses (by caller)."""
+        """Per team: live entries and their bytes (by partition), hits (exact_hits + semantic_hits)
+        and misses (by caller), and semantic_entries: vectors in this replica's semantic index (by
+        partition)."""
         self._authorize(request)
         team = request.query.get("team_id") or None
         stats = await self.store.cache_stats(team)
-        return _json({"teams": {t: s.to_json() for t, s in sorted(stats.items())}})
+        vectors = await self.semantic.index_entries(team) if self.semantic is not None else {}
+        out: dict[str, dict[str, int]] = {}
+        for t in sorted(stats.keys() | vectors.keys()):
+            st = stats.get(t) or CacheStats()
+            out[t] = {**st.to_json(), "semantic_entries": vectors.get(t, 0)}
+        return _json({"teams": out})
 
     # ---- OpenAPI -----------------------------------------------------------------------------
 
@@ -411,7 +436,8 @@ def openapi_document() -> dict[str, Any]:
             {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
             for n in ("team_id", "model")
         ])},
-        "/admin/cache/stats": {"get": op("Cache entries, bytes, hits and misses per team", None,
+        "/admin/cache/stats": {"get": op("Cache entries, bytes, hits (exact, semantic), misses and "
+                                         "semantic index entries per team", None,
                                          params=[{"name": "team_id", "in": "query",
                                                   "schema": {"type": "string"}}])},
     }

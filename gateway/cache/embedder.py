@@ -10,6 +10,8 @@ Concurrency model
 * Micro-batching: ``embed()`` callers that arrive within ``window_s`` (default 2 ms) of each other, or while
   the worker is busy, share one model call of at most ``max_batch`` texts; each caller awaits its own future.
   A request with more than ``max_batch`` texts is split into chunks so it cannot monopolise the worker.
+* Window checks: a text that may be longer than the model's window (``must_fit=True``) is tokenized in the
+  worker, as part of its batch, never on the loop; a short one is decided by its length alone (no thread hop).
 * ``run_in_worker()`` runs any other blocking function (e.g. a FAISS search, see ``index.py``) in the same
   thread, serialised with the model calls, so the event loop never blocks on CPU work.
 * The worker thread runs at a lower priority (``worker_nice``, Linux) so the loop thread wins a busy core.
@@ -57,6 +59,10 @@ BatchHook = Callable[[int, float], None]
 
 class EmbedderUnavailable(RuntimeError):
     """The embedding model (or its runtime: torch, sentence-transformers) is not installed."""
+
+
+class TextTooLong(ValueError):
+    """The text is longer than the model's window (``must_fit=True``): its embedding would ignore its tail."""
 
 
 def default_model_path() -> Path:
@@ -110,6 +116,8 @@ class _Pending:
     future: asyncio.Future[tuple[Vectors, Any]]
     post_key: Hashable | None = None
     post_fn: BatchFn | None = None
+    check_fit: bool = False
+    """Tokenize the texts in the worker first; the caller gets TextTooLong if one is over the window."""
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -210,23 +218,40 @@ class Embedder:
     # -- window awareness --------------------------------------------------------------------------------
 
     def token_count(self, text: str) -> int:
-        """Word pieces of `text` including [CLS]/[SEP], as the model would see it before truncation."""
+        """Word pieces of `text` including [CLS]/[SEP], as the model would see it before truncation.
+
+        Blocking CPU work (up to milliseconds for a long text): call it in the worker thread."""
         self._require_loaded()
         return len(self._tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def quick_fit(self, text: str) -> bool | None:
+        """Whether `text` fits the window, decided by its length alone (cheap: fine on the event loop);
+        None when only tokenizing it can tell."""
+        # Every word piece covers at least one non-space character, so short texts always fit...
+        if len(text) <= self.max_seq_length - 2:  # [CLS] and [SEP]
+            return True
+        # ...and a piece covers at most ~100 characters (longer words become one [UNK]).
+        if len(text) > self.max_seq_length * 101:
+            return False
+        return None
 
     def fits(self, text: str) -> bool:
         """True when the model sees all of `text` (no truncation at max_seq_length word pieces).
 
         Prompts that do not fit must use exact matching only: the embedding would ignore their tail.
+        May tokenize (blocking): on the event loop, use ``embed_then``/``embed_one`` with ``must_fit=True``.
         """
-        budget = self.max_seq_length - 2  # [CLS] and [SEP]
-        # Every word piece covers at least one non-space character, so short texts always fit...
-        if len(text) <= budget:
-            return True
-        # ...and a piece covers at most ~100 characters (longer words become one [UNK]).
-        if len(text) > self.max_seq_length * 101:
-            return False
+        quick = self.quick_fit(text)
+        if quick is not None:
+            return quick
         return self.token_count(text) <= self.max_seq_length
+
+    def _needs_fit_check(self, text: str) -> bool:
+        """Event loop: raise TextTooLong when the length alone says so; True when the worker must tokenize."""
+        quick = self.quick_fit(text)
+        if quick is False:
+            raise TextTooLong(f"{len(text)} characters exceed the {self.max_seq_length}-token window")
+        return quick is None
 
     # -- embedding -----------------------------------------------------------------------------------------
 
@@ -261,18 +286,25 @@ class Embedder:
         parts = await asyncio.gather(*futures)
         return np.concatenate([p[0] for p in parts], axis=0)
 
-    async def embed_then(self, text: str, key: Hashable, fn: BatchFn) -> tuple[npt.NDArray[np.float32], Any]:
+    async def embed_then(
+        self, text: str, key: Hashable, fn: BatchFn, *, must_fit: bool = False
+    ) -> tuple[npt.NDArray[np.float32], Any]:
         """Embed one text, then run `fn` on it in the worker thread, batched with same-`key` callers.
 
         All callers of one micro-batch that pass the same `key` share ONE call of `fn` (the first caller's),
         on the matrix of their vectors; `fn` must return one result per row. The key must therefore identify
         everything `fn` depends on besides the vectors, e.g. ``(partition, model, k)`` for
         ``lambda m: index.search_batch(partition, model, m, k)``. Returns (vector, this text's result).
+
+        With `must_fit`, raises TextTooLong (and neither embeds the text nor calls `fn` for it) when the
+        text is longer than the model's window; the tokenization this may need runs in the worker thread,
+        within the same batch.
         """
         if self._closed:
             raise RuntimeError("embedder closed")
+        check = self._needs_fit_check(text) if must_fit else False
         loop = asyncio.get_running_loop()
-        fut = self._enqueue(loop, [text], key, fn)
+        fut = self._enqueue(loop, [text], key, fn, check)
         self._schedule(loop)
         vecs, result = await fut
         vec: npt.NDArray[np.float32] = vecs[0]
@@ -284,16 +316,28 @@ class Embedder:
         texts: list[str],
         key: Hashable | None = None,
         fn: BatchFn | None = None,
+        check_fit: bool = False,
     ) -> asyncio.Future[tuple[Vectors, Any]]:
         fut: asyncio.Future[tuple[Vectors, Any]] = loop.create_future()
-        self._pending.append(_Pending(texts, fut, key, fn))
+        self._pending.append(_Pending(texts, fut, key, fn, check_fit))
         self._pending_texts += len(texts)
         return fut
 
-    async def embed_one(self, text: str) -> npt.NDArray[np.float32]:
-        """Embedding of a single text, shape (384,)."""
-        vec: npt.NDArray[np.float32] = (await self.embed([text]))[0]
-        return vec
+    async def embed_one(self, text: str, *, must_fit: bool = False) -> npt.NDArray[np.float32]:
+        """Embedding of a single text, shape (384,). With `must_fit`, raises TextTooLong when the text is
+        longer than the model's window (checked as in ``embed_then``)."""
+        if not must_fit:
+            vec: npt.NDArray[np.float32] = (await self.embed([text]))[0]
+            return vec
+        if self._closed:
+            raise RuntimeError("embedder closed")
+        check = self._needs_fit_check(text)
+        loop = asyncio.get_running_loop()
+        fut = self._enqueue(loop, [text], check_fit=check)
+        self._schedule(loop)
+        vecs, _ = await fut
+        one: npt.NDArray[np.float32] = vecs[0]
+        return one
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking `fn(*args)` in the embedder's thread (serialised with model calls)."""
@@ -337,17 +381,28 @@ class Embedder:
         afut = asyncio.wrap_future(cf, loop=loop)
         afut.add_done_callback(lambda f: self._complete(loop, batch, f))
 
-    def _work(self, batch: list[_Pending]) -> tuple[Vectors, float, list[Any]]:
-        """Worker thread: one model call for the whole batch, then one post call per post key."""
-        t0 = time.perf_counter()
-        vecs = self.embed_sync([t for item in batch for t in item.texts])
-        seconds = time.perf_counter() - t0
-        results: list[Any] = [None] * len(batch)
-        groups: dict[Hashable, list[int]] = {}
-        offsets: list[int] = []
-        start = 0
+    def _work(self, batch: list[_Pending]) -> tuple[int, float, list[Any]]:
+        """Worker thread: the window checks asked for, one model call for the texts of every item that
+        passed them, then one post call per post key. Returns (texts embedded, seconds of the model call,
+        one outcome per item: (its vectors, its post result) or a _PostError)."""
+        outcomes: list[Any] = [None] * len(batch)
+        live: list[int] = []
         for i, item in enumerate(batch):
-            offsets.append(start)
+            if item.check_fit and not all(self.fits(t) for t in item.texts):
+                outcomes[i] = _PostError(TextTooLong(f"longer than the {self.max_seq_length}-token window"))
+            else:
+                live.append(i)
+        texts = [t for i in live for t in batch[i].texts]
+        t0 = time.perf_counter()
+        vecs = self.embed_sync(texts) if texts else np.empty((0, self.dim), dtype=np.float32)
+        seconds = time.perf_counter() - t0
+        groups: dict[Hashable, list[int]] = {}
+        offsets: dict[int, int] = {}
+        start = 0
+        for i in live:
+            item = batch[i]
+            offsets[i] = start
+            outcomes[i] = (vecs[start : start + len(item.texts)], None)
             start += len(item.texts)
             if item.post_fn is not None:
                 groups.setdefault(item.post_key, []).append(i)
@@ -360,43 +415,42 @@ class Embedder:
                 if len(out) != len(members):
                     raise ValueError(f"batch function returned {len(out)} results for {len(members)} vectors")
                 for i, r in zip(members, out, strict=True):
-                    results[i] = r
+                    outcomes[i] = (outcomes[i][0], r)
             except Exception as exc:  # fail only this group's callers
                 for i in members:
-                    results[i] = _PostError(exc)
-        return vecs, seconds, results
+                    outcomes[i] = _PostError(exc)
+        return len(texts), seconds, outcomes
 
     def _complete(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[_Pending],
-        fut: asyncio.Future[tuple[Vectors, float, list[Any]]],
+        fut: asyncio.Future[tuple[int, float, list[Any]]],
     ) -> None:
         self._busy = False
-        self.model_calls += 1
         exc = None if fut.cancelled() else fut.exception()
         if fut.cancelled() or exc is not None:
+            self.model_calls += 1
             err: BaseException = exc if exc is not None else asyncio.CancelledError()
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(err)
         else:
-            vecs, seconds, results = fut.result()
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(len(vecs), seconds)
-                except Exception:  # a metrics hook must never break lookups
-                    pass
-            start = 0
-            for item, result in zip(batch, results, strict=True):
-                end = start + len(item.texts)
+            n, seconds, outcomes = fut.result()
+            if n:  # else every text of the batch was over the window: no model call
+                self.model_calls += 1
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(n, seconds)
+                    except Exception:  # a metrics hook must never break lookups
+                        pass
+            for item, outcome in zip(batch, outcomes, strict=True):
                 if item.future.done():
                     pass
-                elif isinstance(result, _PostError):
-                    item.future.set_exception(result.exc)
+                elif isinstance(outcome, _PostError):
+                    item.future.set_exception(outcome.exc)
                 else:
-                    item.future.set_result((vecs[start:end], result))
-                start = end
+                    item.future.set_result(outcome)
         if self._pending and not self._closed:
             # These waited at least one model call already: dispatch now rather than after another window.
             self._dispatch(loop)

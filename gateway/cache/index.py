@@ -28,7 +28,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,16 +171,33 @@ class SemanticIndex:
 
     def purge(self, partition: str | None = None, model: str | None = None) -> int:
         """Drop indexes matching `partition` and/or `model` (None matches all); returns entries dropped."""
+        return self.purge_where(
+            lambda p, m: (partition is None or p == partition) and (model is None or m == model)
+        )
+
+    def purge_where(
+        self,
+        indexes: Callable[[str, str], bool],
+        entries: Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> int:
+        """Remove the entries of every index whose (partition, model) passes `indexes` and, when given,
+        whose meta passes `entries`; returns how many were removed. An index left empty is dropped whole
+        (no FAISS call); otherwise the doomed ids go in one ``remove_ids`` call per index."""
+        n = 0
         with self._lock:
-            keys = [
-                k
-                for k in self._indexes
-                if (partition is None or k[0] == partition) and (model is None or k[1] == model)
-            ]
-            n = 0
-            for k in keys:
-                n += len(self._indexes.pop(k).entries)
-            return n
+            for key in [k for k in self._indexes if indexes(*k)]:
+                part = self._indexes[key]
+                if entries is None:
+                    doomed = list(part.entries)
+                else:
+                    doomed = [i for i, e in part.entries.items() if entries(e.meta)]
+                if not doomed:
+                    continue
+                if len(doomed) == len(part.entries):
+                    n += len(self._indexes.pop(key).entries)
+                else:
+                    n += part.remove_ids(doomed)
+        return n
 
     def expire(self, now: float | None = None) -> int:
         """Remove entries whose TTL has passed. Returns how many were removed."""
@@ -245,6 +262,11 @@ class SemanticIndex:
                 for (pa, mo), p in self._indexes.items()
                 if (partition is None or pa == partition) and (model is None or mo == model)
             )
+
+    def counts(self) -> dict[Key, int]:
+        """Entries per (partition, model), expired ones included until expire() removes them."""
+        with self._lock:
+            return {k: int(p.index.ntotal) for k, p in self._indexes.items()}
 
     def keys(self) -> list[Key]:
         with self._lock:

@@ -12,18 +12,28 @@ cacheability rules (temperature, n, tools, Cache-Control) and its per-team parti
   above the model's threshold must pass `guards.compatible(new, cached)` (numbers, units, quotes,
   negation, direction, entities, languages); the first that does is served exactly like an exact hit
   (stored body, or a replayed SSE stream) with `x-tollway-cache: hit-semantic` and
-  `x-tollway-cache-similarity`. A message longer than the embedding model's window is exact-only.
+  `x-tollway-cache-similarity`. A message longer than the embedding model's window is exact-only: its
+  length decides on the loop when it can, else it is tokenized in the worker, in the lookup's own batch.
 - Writes: the exact cache tells this plugin about each entry it stores (`stored_listeners`); the prompt's
   vector, its last user text and the entry's key are added to the index in the embedder's worker thread,
   off the request path. The answer itself lives once, in the store, under the exact key (so purge and TTL
   of the exact cache apply; an index entry whose body is gone is dropped on its next hit).
+- Admin purge (`DELETE /admin/cache`, through `purge_index`): the vectors of the team's partitions (those
+  named "<team>:...") and/or the model are dropped at once, in the worker thread. A purge is a tombstone
+  (team, model, time): it removes the matching entries indexed at or before its time, and, until the longest
+  TTL has passed, refuses matching entries stamped at or before it that arrive later (an in-flight write, a
+  feed entry read after the purge), so an entry written before a purge is never resurrected and one written
+  after it stays, whatever order they reach a replica in. `index_entries` counts the vectors per team.
 - The embedding model loads in the worker thread in the background at startup; until it is loaded the
   gateway serves exact-only (`/ready` shows `semantic_cache.embedder`).
 - `cache.semantic.index_dir`: the index is saved there at shutdown and loaded at startup.
 - Replicas on Redis: every entry indexed is also appended (with its vector, so nobody re-embeds it) to a
   feed in the store (`Store.cache_feed_add`, a capped Redis stream); each replica reads the feed at start
   (which also rebuilds its index after a restart) and then every `cache.semantic.sync_interval_s`, and adds
-  the other replicas' entries to its own index. The embedded store has no feed (one process).
+  the other replicas' entries to its own index. A purge is appended to the feed too (a record of kind
+  "purge"), so every replica, and one catching up at start, applies its tombstone. Entries are stamped with
+  the writing replica's clock: replicas' clocks are assumed to agree to well under a second (NTP). The
+  embedded store has no feed (one process).
 """
 
 from __future__ import annotations
@@ -33,15 +43,17 @@ import hashlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.cache.embedder import Embedder
+from gateway.cache.embedder import Embedder, TextTooLong
+from gateway.cache.feed import FeedError, FeedPurge, decode_feed_entry, encode_feed_entry, encode_purge_entry
 from gateway.cache.guards import compatible
 from gateway.cache.index import SemanticIndex
 from gateway.cache.keys import SHARED_PARTITION, cache_control, canonical_request
@@ -61,31 +73,43 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _FEED_BATCH = 1000
 
 
-def encode_feed_entry(
-    replica: str,
-    partition: str,
-    model: str,
-    text: str,
-    key: str,
-    vec: npt.NDArray[np.float32],
-    expires: float,
-) -> bytes:
-    """One feed entry: a JSON header (no raw newline inside), a newline, the float32 vector's bytes."""
-    header = {"r": replica, "p": partition, "m": model, "t": text, "k": key, "x": expires}
-    return orjson.dumps(header) + b"\n" + np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+def partition_team(partition: str) -> str:
+    """The team (or "shared") a semantic partition ("<team>:<prefix digest>") belongs to."""
+    return partition.rpartition(":")[0]
 
 
-def decode_feed_entry(raw: bytes, dim: int) -> tuple[dict[str, Any], npt.NDArray[np.float32]] | None:
-    head, sep, blob = raw.partition(b"\n")
-    if not sep or len(blob) != dim * 4:
-        return None
-    try:
-        header = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(header, dict):
-        return None
-    return header, np.frombuffer(blob, dtype=np.float32).copy()
+class _Add(NamedTuple):
+    partition: str
+    model: str
+    vec: npt.NDArray[np.float32] | None
+    """None until embedded (a request whose lookup was skipped)."""
+    key: str
+    text: str
+    ttl: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Tombstone:
+    """A purge: entries of `team` (None: every team) and `model` (None: every model) indexed at or before
+    `ts` are gone; until `until`, matching entries stamped at or before `ts` are refused when they arrive."""
+
+    team: str | None
+    model: str | None
+    ts: float
+    until: float
+
+    def matches(self, partition: str, model: str) -> bool:
+        return (self.team is None or partition_team(partition) == self.team) and (
+            self.model is None or model == self.model
+        )
+
+    def covers(self, at: float) -> bool:
+        return at <= self.ts
+
+    def covers_entry(self, meta: Mapping[str, Any]) -> bool:
+        """An index entry's meta; one without "at" (saved by an older version) predates every purge."""
+        return self.covers(float(meta.get("at", 0.0)))
 
 
 def last_user_text(body: dict[str, Any]) -> str | None:
@@ -173,6 +197,11 @@ class SemanticCachePlugin(Plugin):
         self._feed = settings.store.backend == "redis"
         self._cursor: str | None = None
         self.replica = uuid.uuid4().hex
+        self._tombstones: list[_Tombstone] = []
+        """Worker thread only: purges whose matching entries may still arrive."""
+        self._max_ttl = max(
+            [settings.cache.default_ttl_s, *(m.cache.ttl_s or 0.0 for m in settings.models.values())]
+        )
         exact.stored_listeners.append(self._on_stored)
 
     def _on_batch(self, n: int, seconds: float) -> None:
@@ -187,8 +216,7 @@ class SemanticCachePlugin(Plugin):
         """Load the saved index and the model, both in the worker thread (the loop keeps serving)."""
         if self.conf.index_dir:
             try:
-                self.index = await self.embedder.run_in_worker(SemanticIndex.load, self.conf.index_dir)
-                self._size = self.index.size()
+                await self.embedder.run_in_worker(self._load_index, self.conf.index_dir)
             except Exception:
                 log.exception(
                     "could not load the semantic index from %s; starting empty", self.conf.index_dir
@@ -216,48 +244,74 @@ class SemanticCachePlugin(Plugin):
             out["error"] = self._load_error
         return out
 
+    def _load_index(self, directory: str) -> None:
+        """Worker thread: replace the index by the saved one, before any later worker job sees it."""
+        self.index = SemanticIndex.load(directory)
+        self._size = self.index.size()
+
     async def _catch_up(self) -> int:
-        """Add the feed's entries written since the last call by other replicas; returns how many."""
+        """Apply the feed's records written since the last call by other replicas (their entries and
+        purges, in order); returns how many entries were added."""
         n = 0
         while True:
             raws, self._cursor = await self.store.cache_feed_read(self._cursor, _FEED_BATCH)
             if not raws:
                 return n
             now = time.time()
-            items = []
+            ops: list[_Add | _Tombstone] = []
             for raw in raws:
-                decoded = decode_feed_entry(raw, self.index.dim)
-                if decoded is None:
-                    continue
-                h, vec = decoded
                 try:
-                    if h.get("r") == self.replica or float(h["x"]) <= now:
-                        continue
-                    items.append(
-                        (str(h["p"]), str(h["m"]), vec, str(h["k"]), str(h["t"]), float(h["x"]) - now)
+                    rec = decode_feed_entry(raw, self.index.dim)
+                except FeedError as e:
+                    log.warning("malformed semantic cache feed entry ignored: %s", e)
+                    continue
+                if rec is None or rec.replica == self.replica:
+                    continue  # a kind we do not know; or ours: indexed, or purged, here already
+                if isinstance(rec, FeedPurge):
+                    ops.append(self._tombstone(rec.team, rec.model, rec.ts))
+                elif rec.expires > now:
+                    ops.append(
+                        _Add(rec.partition, rec.model, rec.vec, rec.key, rec.text, rec.expires - now, rec.at)
                     )
-                except (KeyError, TypeError, ValueError):
-                    log.warning("malformed semantic cache feed entry ignored")
-            if items:
-                await self.embedder.run_in_worker(self._add_many, items)
-                n += len(items)
+            if ops:
+                added, _ = await self.embedder.run_in_worker(self._apply, ops)
+                n += added
             if len(raws) < _FEED_BATCH:
                 return n
 
-    def _add_many(self, items: list[tuple[str, str, npt.NDArray[np.float32], str, str, float]]) -> int:
-        """Worker thread: add entries while the index has room (expired entries are dropped to make
-        some); returns how many were added."""
-        n = 0
+    def _purged(self, op: _Add) -> bool:
+        """Worker thread: a purge issued after this entry was indexed covers it."""
+        return any(t.matches(op.partition, op.model) and t.covers(op.at) for t in self._tombstones)
+
+    def _tombstone(self, team: str | None, model: str | None, ts: float) -> _Tombstone:
+        return _Tombstone(team, model, ts, ts + self._max_ttl)
+
+    def _apply(self, ops: list[_Add | _Tombstone]) -> tuple[int, int]:
+        """Worker thread: in order, add entries (unless a purge covers them or the index is full; expired
+        entries are dropped to make room) and apply purges. Returns (entries added, entries purged)."""
+        added = purged = 0
+        now = time.time()
+        self._tombstones = [t for t in self._tombstones if t.until > now]
+        full = False
         try:
-            for partition, model, vec, key, text, ttl in items:
+            for op in ops:
+                if isinstance(op, _Tombstone):
+                    self._tombstones.append(op)
+                    purged += self.index.purge_where(op.matches, op.covers_entry)
+                    full = False
+                    continue
+                if full or op.vec is None or self._purged(op):
+                    continue
                 if self.index.size() >= self.conf.max_entries:
                     self.index.expire()
                     if self.index.size() >= self.conf.max_entries:
                         log.warning("semantic index full (%d entries); not adding", self.conf.max_entries)
-                        return n
-                self.index.add(partition, model, vec, key, {"text": text, "key": key}, ttl_s=ttl)
-                n += 1
-            return n
+                        full = True
+                        continue
+                meta = {"text": op.text, "key": op.key, "at": op.at}
+                self.index.add(op.partition, op.model, op.vec, op.key, meta, ttl_s=op.ttl)
+                added += 1
+            return added, purged
         finally:
             self._size = self.index.size()
 
@@ -265,6 +319,35 @@ class SemanticCachePlugin(Plugin):
         """Worker thread."""
         self.index.remove(partition, model, entry_id)
         self._size = self.index.size()
+
+    # ---- admin (gateway.api.admin_routes.SemanticCacheAdmin) ------------------------------------------
+
+    async def purge_index(self, team: str | None, model: str | None) -> int:
+        """Drop the vectors of `team`'s partitions (a team id, or "shared"; None: every team) and/or of
+        `model` (None: every model) now, in the worker thread, and, on Redis, tell the other replicas
+        through the feed. Returns how many this replica dropped."""
+        tomb = self._tombstone(team, model, time.time())
+        _, purged = await self.embedder.run_in_worker(self._apply, [tomb])
+        if self._feed:
+            await self.store.cache_feed_add(
+                encode_purge_entry(self.replica, team, model, tomb.ts), self.conf.max_entries
+            )
+        return purged
+
+    async def index_entries(self, team: str | None = None) -> dict[str, int]:
+        """Live vectors in this replica's index per team (or only `team`), counted in the worker thread."""
+        return await self.embedder.run_in_worker(self._count_by_team, team)
+
+    def _count_by_team(self, team: str | None) -> dict[str, int]:
+        """Worker thread."""
+        self.index.expire()
+        self._size = self.index.size()
+        out: dict[str, int] = {}
+        for (partition, _model), n in self.index.counts().items():
+            t = partition_team(partition)
+            if n and (team is None or t == team):
+                out[t] = out.get(t, 0) + n
+        return out
 
     async def _sync(self) -> None:
         while True:
@@ -299,8 +382,8 @@ class SemanticCachePlugin(Plugin):
         if self.settings.models[model].cache.semantic is False or not self.ready:
             return None
         text = last_user_text(body)
-        if text is None or not self.embedder.fits(text):
-            return None  # longer than the model's window: exact matching only
+        if text is None or self.embedder.quick_fit(text) is False:
+            return None  # longer than the model's window: exact matching only (also see TextTooLong)
         team = ctx.principal.team if ctx.principal is not None else "default"
         shard = SHARED_PARTITION if self.settings.cache.shared_partition else team
         partition = f"{shard}:{prefix_digest(model, ctx.endpoint, body)}"
@@ -322,7 +405,13 @@ class SemanticCachePlugin(Plugin):
             return index.search_batch(partition, model, m, k)
 
         t0 = time.perf_counter()
-        vec, (hits, metas) = await self.embedder.embed_then(text, (id(index), partition, model, k), search)
+        try:
+            vec, (hits, metas) = await self.embedder.embed_then(
+                text, (id(index), partition, model, k), search, must_fit=True
+            )
+        except TextTooLong:  # the worker tokenized it: longer than the window, exact matching only
+            del ctx.state[_SEM]
+            return None
         ctx.state[_VEC] = vec
         mc = self.settings.models[model].cache
         threshold = mc.semantic_threshold if mc.semantic_threshold is not None else self.conf.threshold
@@ -335,7 +424,7 @@ class SemanticCachePlugin(Plugin):
                     self.vetoes.labels(reason or "other").inc()
                     continue
                 try:
-                    raw = await self.store.cache_get(str(meta.get("key", entry_id)), team)
+                    raw = await self.store.cache_get(str(meta.get("key", entry_id)), team, "semantic")
                 except StoreUnavailable:
                     log.warning("semantic cache lookup failed: store unavailable")
                     return None
@@ -362,29 +451,26 @@ class SemanticCachePlugin(Plugin):
         vec: npt.NDArray[np.float32] | None = ctx.state.get(_VEC)
         _, partition, model, text = info
         ttl = self.settings.models[model].cache.ttl_s or self.settings.cache.default_ttl_s
-        task = asyncio.get_running_loop().create_task(self._index(partition, model, text, key, vec, ttl))
+        entry = _Add(partition, model, vec, key, text, ttl, time.time())
+        task = asyncio.get_running_loop().create_task(self._index(entry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _index(
-        self,
-        partition: str,
-        model: str,
-        text: str,
-        key: str,
-        vec: npt.NDArray[np.float32] | None,
-        ttl: float,
-    ) -> None:
+    async def _index(self, entry: _Add) -> None:
+        """`entry.vec` is None when the lookup was skipped (Cache-Control: no-cache): embed it here."""
         try:
-            if vec is None:
-                vec = await self.embedder.embed_one(text)
-            added = await self.embedder.run_in_worker(
-                self._add_many, [(partition, model, vec, key, text, ttl)]
-            )
-            if added and self._feed:
-                entry = encode_feed_entry(self.replica, partition, model, text, key, vec, time.time() + ttl)
+            if entry.vec is None:
                 try:
-                    await self.store.cache_feed_add(entry, self.conf.max_entries)
+                    entry = entry._replace(vec=await self.embedder.embed_one(entry.text, must_fit=True))
+                except TextTooLong:
+                    return
+            added, _ = await self.embedder.run_in_worker(self._apply, [entry])
+            if added and self._feed:
+                p, m, vec, key, text, ttl, at = entry
+                assert vec is not None
+                feed_entry = encode_feed_entry(self.replica, p, m, text, key, vec, at + ttl, at)
+                try:
+                    await self.store.cache_feed_add(feed_entry, self.conf.max_entries)
                 except StoreUnavailable:
                     log.warning("semantic cache feed unreachable: other replicas will not see this entry")
         except Exception:

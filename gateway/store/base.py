@@ -210,6 +210,7 @@ class SpendRow:
 
 
 GroupBy = Literal["team", "key", "model", "day"]
+CacheKind = Literal["exact", "semantic"]
 
 
 @dataclass(slots=True)
@@ -217,10 +218,30 @@ class CacheStats:
     entries: int = 0
     bytes: int = 0
     hits: int = 0
+    """Lookups answered from the cache: exact hits plus semantic hits."""
     misses: int = 0
+    """Lookups answered by neither: exact misses not followed by a semantic hit."""
+    semantic_hits: int = 0
+
+    @property
+    def exact_hits(self) -> int:
+        return self.hits - self.semantic_hits
+
+    @classmethod
+    def from_counts(cls, exact_hits: int, exact_misses: int, semantic_hits: int) -> CacheStats:
+        """From the raw counters: a semantic hit always follows an exact miss of the same request and
+        team, so it turns that miss into a hit."""
+        return cls(
+            hits=exact_hits + semantic_hits,
+            misses=max(exact_misses - semantic_hits, 0),
+            semantic_hits=semantic_hits,
+        )
 
     def to_json(self) -> dict[str, int]:
-        return {"entries": self.entries, "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
+        return {
+            "entries": self.entries, "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
+            "exact_hits": self.exact_hits, "semantic_hits": self.semantic_hits,
+        }
 
 
 class StoreUnavailable(Exception):
@@ -316,8 +337,13 @@ class Store(Protocol):
         """Set `key` if absent; True if this call set it."""
 
     # ---- response cache ------------------------------------------------------------------------
-    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
-        """The live entry `key`, or None. With `team`, counts a hit or a miss for that team."""
+    async def cache_get(
+        self, key: str, team: str | None = None, kind: CacheKind = "exact"
+    ) -> bytes | None:
+        """The live entry `key`, or None. With `team`, counts for that team: kind "exact" (the first
+        lookup of a request) a hit or a miss; kind "semantic" (the entry a semantic lookup found, for a
+        request whose exact lookup missed) a semantic hit when the entry is live, which turns that
+        exact miss into a hit in `cache_stats`, and nothing when it is gone (the miss stays a miss)."""
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
         """Store (or replace) `key` for `ttl_s` seconds, indexed under `team` (the partition) and
@@ -327,7 +353,8 @@ class Store(Protocol):
         """Delete the entries of `team` and/or `model` (both None: all); returns how many."""
 
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
-        """Per team (or only `team`): live entries, their bytes, hits and misses counted."""
+        """Per team (or only `team`): live entries, their bytes, hits (of which semantic) and misses
+        counted (see `cache_get` and `CacheStats.from_counts`)."""
 
     async def cache_feed_add(self, entry: bytes, max_len: int) -> None:
         """Append `entry` to the feed the replicas read (the semantic cache's index entries), keeping

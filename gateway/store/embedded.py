@@ -28,6 +28,7 @@ from gateway.store.base import (
     Admission,
     AdmitResult,
     BudgetState,
+    CacheKind,
     CacheStats,
     GroupBy,
     KeyRecord,
@@ -471,7 +472,9 @@ class EmbeddedStore:
         if e is not None:
             self._cache_bytes -= len(e.value)
 
-    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
+    async def cache_get(
+        self, key: str, team: str | None = None, kind: CacheKind = "exact"
+    ) -> bytes | None:
         e = self._cache.get(key)
         if e is not None and e.expiry <= time.time():
             self._cache_drop(key)
@@ -479,7 +482,11 @@ class EmbeddedStore:
         if e is not None:
             self._cache.move_to_end(key)  # least recently used goes first
         if team is not None:
-            self._cache_counts.setdefault(team, [0, 0])[0 if e is not None else 1] += 1
+            counts = self._cache_counts.setdefault(team, [0, 0, 0])  # exact hits, misses, semantic hits
+            if kind == "exact":
+                counts[0 if e is not None else 1] += 1
+            elif e is not None:
+                counts[2] += 1
         return None if e is None else e.value
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
@@ -509,9 +516,9 @@ class EmbeddedStore:
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
         now = time.time()
         out: dict[str, CacheStats] = {}
-        for t, (hits, misses) in self._cache_counts.items():
+        for t, (hits, misses, semantic_hits) in self._cache_counts.items():
             if team is None or t == team:
-                out[t] = CacheStats(hits=hits, misses=misses)
+                out[t] = CacheStats.from_counts(hits, misses, semantic_hits)
         for k in [k for k, e in self._cache.items() if e.expiry <= now]:
             self._cache_drop(k)
         for e in self._cache.values():

@@ -30,6 +30,7 @@ from gateway.store.base import (
     Admission,
     AdmitResult,
     BudgetState,
+    CacheKind,
     CacheStats,
     GroupBy,
     KeyRecord,
@@ -461,10 +462,13 @@ class RedisStore:
 
     # ---- response cache ------------------------------------------------------------------------
     # Entries: `c:<key>` (SET PX). Index: the set `ci:<team>\x1f<model>` of keys, and the set
-    # `cix` of those index names. Counters: the hash `cn:<team>` (h, m). Entries expire by
+    # `cix` of those index names. Counters: the hash `cn:<team>` (h, m: exact hits and misses; s:
+    # semantic hits). Entries expire by
     # themselves; index members of expired entries are pruned by stats and purge.
 
-    async def cache_get(self, key: str, team: str | None = None) -> bytes | None:
+    async def cache_get(
+        self, key: str, team: str | None = None, kind: CacheKind = "exact"
+    ) -> bytes | None:
         with _unavailable:
             if team is None:
                 raw: Any = await self._redis().get(self._p + "c:" + key)
@@ -473,8 +477,12 @@ class RedisStore:
                 pipe.get(self._p + "c:" + key)
                 res = await pipe.execute()
                 value: Any = res[0]
-                pipe.hincrby(self._p + "cn:" + team, "h" if value is not None else "m", 1)
-                await pipe.execute()
+                if kind == "exact":
+                    pipe.hincrby(self._p + "cn:" + team, "h" if value is not None else "m", 1)
+                elif value is not None:
+                    pipe.hincrby(self._p + "cn:" + team, "s", 1)
+                if len(pipe):
+                    await pipe.execute()
             return None if value is None else bytes(value)
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
@@ -560,6 +568,8 @@ class RedisStore:
                 counts: Any = await r.hgetall(self._p + "cn:" + t)
                 if counts:
                     st = out.setdefault(t, CacheStats())
-                    st.hits = int(counts.get(b"h", 0))
-                    st.misses = int(counts.get(b"m", 0))
+                    c = CacheStats.from_counts(
+                        int(counts.get(b"h", 0)), int(counts.get(b"m", 0)), int(counts.get(b"s", 0))
+                    )
+                    st.hits, st.misses, st.semantic_hits = c.hits, c.misses, c.semantic_hits
         return out

@@ -85,3 +85,29 @@ async def test_feed_of_semantic_entries(store: Store) -> None:
     rest, cursor2 = await store.cache_feed_read(cursor, 100)
     assert rest == [b"e3", b"e4"]
     assert await store.cache_feed_read(cursor2, 100) == ([], cursor2)
+
+
+async def test_semantic_hits_are_counted_apart_and_turn_the_miss_into_a_hit(store: Store) -> None:
+    """A semantic lookup reads the entry it found with kind "semantic", after the request's exact
+    lookup missed: a live entry is a semantic hit (and that request is no longer a miss); a gone one
+    counts nothing (the request stays one miss)."""
+    await store.cache_put("t1:chat:a", b"v", 60, "t1", "m1")
+    # request 1: exact miss, then the semantic cache finds a live entry
+    assert await store.cache_get("t1:chat:new-1", "t1") is None
+    assert await store.cache_get("t1:chat:a", "t1", "semantic") == b"v"
+    # request 2: exact hit
+    assert await store.cache_get("t1:chat:a", "t1") == b"v"
+    # request 3: exact miss, and the semantic candidate's answer is gone
+    assert await store.cache_get("t1:chat:new-2", "t1") is None
+    assert await store.cache_get("t1:chat:gone", "t1", "semantic") is None
+    # no team: nothing counted, whatever the kind
+    assert await store.cache_get("t1:chat:a", None, "semantic") == b"v"
+    stats = await store.cache_stats()
+    assert stats["t1"] == CacheStats(entries=1, bytes=1, hits=2, misses=1, semantic_hits=1)
+    assert stats["t1"].exact_hits == 1
+    assert stats["t1"].to_json() == {
+        "entries": 1, "bytes": 1, "hits": 2, "misses": 1, "exact_hits": 1, "semantic_hits": 1,
+    }
+    # another team's counters are apart
+    assert await store.cache_get("t1:chat:a", "t2", "semantic") == b"v"
+    assert (await store.cache_stats("t2"))["t2"] == CacheStats(hits=1, semantic_hits=1)
