@@ -211,6 +211,9 @@ class SemanticCacheSettings(Strict):
     """Nearest neighbours checked against the guards per lookup."""
     sync_interval_s: float = Field(0.5, gt=0)
     """On Redis: how often a replica adds the entries other replicas indexed to its own index."""
+    search_threads: int = Field(1, ge=1, le=64)
+    """FAISS (OpenMP) threads per search. 1 keeps a core for the event loop; FAISS's default (one per
+    core) costs several times the CPU per lookup on a small machine."""
 
 
 class CacheSettings(Strict):

@@ -175,6 +175,11 @@ async def test_reversed_conversion_is_not_a_hit(
     assert text2 == "5 miles is 8.05 km." and chat_calls(fake) == 2
     m = await metrics_text(http, sem)
     assert metric_value(m, "tollway_cache_semantic_vetoes_total") >= 1
+    # the label is the rule's name, never the guard's detail (it quotes the prompts)
+    assert metric_value(m, "tollway_cache_semantic_vetoes_total", reason="unit") >= 1
+    assert "miles" not in "".join(line for line in m.splitlines() if "vetoes" in line)
+    assert metric_value(m, "tollway_cache_misses_total", kind="semantic") == 2
+    assert metric_value(m, "tollway_cache_misses_total", kind="exact") == 2
 
 
 async def test_earlier_turns_must_match_exactly(

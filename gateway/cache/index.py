@@ -51,6 +51,12 @@ _BLAS_ALWAYS = 1
 _BLAS_NEVER = 2**31 - 1
 
 
+def set_search_threads(n: int) -> None:
+    """OpenMP threads FAISS uses for calls made from the calling thread (call it in the thread that
+    searches)."""
+    _faiss().omp_set_num_threads(n)
+
+
 def _faiss() -> Any:
     try:
         import faiss

@@ -86,15 +86,19 @@ class ExactCachePlugin(Plugin):
         self.store = store
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
-        self.stored_listeners: list[Callable[[RequestContext, str, bytes], None]] = []
-        """Called (on the event loop, must not block) with every entry about to be stored."""
+        self.stored_listeners: list[Callable[[RequestContext, str, bytes, asyncio.Task[None]], None]] = []
+        """Called (on the event loop, must not block) with every entry being stored and the task that
+        writes it (a listener that makes the entry findable elsewhere must wait for it first)."""
         self.hits = Counter(
             "tollway_cache_hits", "Requests answered from the cache, by kind (exact, semantic)",
             ["kind"], registry=registry,
         )
         self.misses = Counter(
-            "tollway_cache_misses", "Cacheable requests not found in the cache", registry=registry
+            "tollway_cache_misses",
+            "Cacheable requests not found in the cache, by kind of lookup (exact, semantic)",
+            ["kind"], registry=registry,
         )
+        self._miss_exact = self.misses.labels("exact")
         self.lookup = Histogram(
             "tollway_cache_lookup_seconds", "Time to look a request up in the exact cache",
             buckets=_LOOKUP_BUCKETS, registry=registry,
@@ -141,7 +145,7 @@ class ExactCachePlugin(Plugin):
                 sc = self._answer(ctx, raw)
                 if sc is not None:
                     return sc
-            self.misses.inc()
+            self._miss_exact.inc()
         self._set_status(ctx, "miss")
         if rule.write:
             ctx.state[_WRITE] = True
@@ -186,14 +190,14 @@ class ExactCachePlugin(Plugin):
                 value = self._entry(ctx)
             if value is not None:
                 key: str = ctx.state[_KEY]
-                for listener in self.stored_listeners:
-                    try:
-                        listener(ctx, key, value)
-                    except Exception:
-                        log.exception("cache store listener failed")
                 task = asyncio.get_running_loop().create_task(self._put(ctx, key, value, leader))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
+                for listener in self.stored_listeners:
+                    try:
+                        listener(ctx, key, value, task)
+                    except Exception:
+                        log.exception("cache store listener failed")
                 leader = None  # resolved now, and forgotten once the entry is in the store
         finally:
             ctx.state.pop(CAPTURE, None)

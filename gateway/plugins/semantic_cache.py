@@ -55,7 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gateway.cache.embedder import Embedder, TextTooLong
 from gateway.cache.feed import FeedError, FeedPurge, decode_feed_entry, encode_feed_entry, encode_purge_entry
 from gateway.cache.guards import compatible
-from gateway.cache.index import SemanticIndex
+from gateway.cache.index import SemanticIndex, set_search_threads
 from gateway.cache.keys import SHARED_PARTITION, cache_control, canonical_request
 from gateway.pipeline import Plugin, RequestContext, ShortCircuit
 from gateway.plugins.exact_cache import STATUS, ExactCachePlugin
@@ -68,7 +68,9 @@ SIMILARITY_HEADER = "x-tollway-cache-similarity"
 _SEM = "cache.semantic"
 """ctx.state: (team, partition, model, last user text) of a request the semantic cache may index."""
 _VEC = "cache.semantic.vector"
-_LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_EXPIRE_EVERY_S = 10.0
+"""A full index is swept for expired entries at most this often (a sweep scans every entry)."""
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _FEED_BATCH = 1000
 
@@ -199,9 +201,12 @@ class SemanticCachePlugin(Plugin):
         self.replica = uuid.uuid4().hex
         self._tombstones: list[_Tombstone] = []
         """Worker thread only: purges whose matching entries may still arrive."""
+        self._last_sweep = 0.0
+        self._last_full_log = 0.0
         self._max_ttl = max(
             [settings.cache.default_ttl_s, *(m.cache.ttl_s or 0.0 for m in settings.models.values())]
         )
+        self._miss = exact.misses.labels("semantic")
         exact.stored_listeners.append(self._on_stored)
 
     def _on_batch(self, n: int, seconds: float) -> None:
@@ -214,6 +219,10 @@ class SemanticCachePlugin(Plugin):
 
     async def _start(self) -> None:
         """Load the saved index and the model, both in the worker thread (the loop keeps serving)."""
+        try:  # every FAISS call runs in the worker thread; OpenMP's thread count is per calling thread
+            await self.embedder.run_in_worker(set_search_threads, self.conf.search_threads)
+        except Exception:
+            log.exception("could not set the FAISS thread count")
         if self.conf.index_dir:
             try:
                 await self.embedder.run_in_worker(self._load_index, self.conf.index_dir)
@@ -303,9 +312,13 @@ class SemanticCachePlugin(Plugin):
                 if full or op.vec is None or self._purged(op):
                     continue
                 if self.index.size() >= self.conf.max_entries:
-                    self.index.expire()
+                    if now - self._last_sweep >= _EXPIRE_EVERY_S:
+                        self._last_sweep = now
+                        self.index.expire()
                     if self.index.size() >= self.conf.max_entries:
-                        log.warning("semantic index full (%d entries); not adding", self.conf.max_entries)
+                        if now - self._last_full_log >= 60:
+                            self._last_full_log = now
+                            log.warning("semantic index full (%d entries); not adding", self.conf.max_entries)
                         full = True
                         continue
                 meta = {"text": op.text, "key": op.key, "at": op.at}
@@ -421,7 +434,9 @@ class SemanticCachePlugin(Plugin):
                     break
                 ok, reason = compatible(text, str(meta.get("text", "")))
                 if not ok:
-                    self.vetoes.labels(reason or "other").inc()
+                    # The rule's name only: the reason's detail quotes the prompts (no prompt text in
+                    # metrics) and would make the label set unbounded.
+                    self.vetoes.labels((reason or "other").partition(":")[0]).inc()
                     continue
                 try:
                     raw = await self.store.cache_get(str(meta.get("key", entry_id)), team, "semantic")
@@ -437,14 +452,17 @@ class SemanticCachePlugin(Plugin):
                         ctx.response_headers = {}
                     ctx.response_headers[SIMILARITY_HEADER] = f"{min(sim, 1.0):.4f}"
                     return sc
+            self._miss.inc()
             return None
         finally:
             self.lookup.observe(time.perf_counter() - t0)
 
     # ---- writes -------------------------------------------------------------------------------------
 
-    def _on_stored(self, ctx: RequestContext, key: str, value: bytes) -> None:
-        """The exact cache is storing `value` under `key` for this miss: index its prompt."""
+    def _on_stored(self, ctx: RequestContext, key: str, value: bytes, written: asyncio.Task[None]) -> None:
+        """The exact cache is storing `value` under `key` for this miss (`written` writes it): index its
+        prompt once the answer is in the store, so no lookup finds a vector whose answer is not there yet
+        (it would drop the vector as stale)."""
         info = ctx.state.get(_SEM)
         if info is None or ctx.state.get(STATUS) != "miss":
             return
@@ -452,13 +470,15 @@ class SemanticCachePlugin(Plugin):
         _, partition, model, text = info
         ttl = self.settings.models[model].cache.ttl_s or self.settings.cache.default_ttl_s
         entry = _Add(partition, model, vec, key, text, ttl, time.time())
-        task = asyncio.get_running_loop().create_task(self._index(entry))
+        task = asyncio.get_running_loop().create_task(self._index(entry, written))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _index(self, entry: _Add) -> None:
+    async def _index(self, entry: _Add, written: asyncio.Task[None] | None = None) -> None:
         """`entry.vec` is None when the lookup was skipped (Cache-Control: no-cache): embed it here."""
         try:
+            if written is not None:
+                await asyncio.shield(written)
             if entry.vec is None:
                 try:
                     entry = entry._replace(vec=await self.embedder.embed_one(entry.text, must_fit=True))
