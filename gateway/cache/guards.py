@@ -1072,7 +1072,7 @@ def _entities(text: str) -> set[str]:
             continue
         if shouting:
             continue
-        if at_start and (low in _STARTERS or low in _VERBS or low in _IMPERATIVES):
+        if at_start and (low in _STARTERS or low in _VERBS or low in _IMPERATIVES or low.endswith("ing")):
             continue
         if low in _STOP and at_start:
             continue
@@ -1248,12 +1248,24 @@ def _missing_entities(fa: Features, fb: Features) -> set[str]:
     return missing
 
 
+def _quotes_unquoted(a: str, fa: Features, b: str, fb: Features) -> bool:
+    """The same literals, quoted in one text and written plainly in the other ("what does 'carpe diem'
+    mean" vs "meaning of carpe diem"): every quoted prose span of each text occurs in the other text as
+    it stands (case-folded). Code spans must be quoted the same way in both."""
+    if any(q.startswith("code:") for q in (*fa.quotes, *fb.quotes)):
+        return False
+    ta, tb = _WS.sub(" ", _fold(a)), _WS.sub(" ", _fold(b))
+    if not (_CASE_MATTERS.search(ta) or _CASE_MATTERS.search(tb)):
+        ta, tb = ta.casefold(), tb.casefold()
+    return all(q[5:] in tb for q in fa.quotes) and all(q[5:] in ta for q in fb.quotes)
+
+
 def compatible(a: str, b: str) -> tuple[bool, str | None]:
     """May the answer to prompt ``a`` be served for prompt ``b``?  ``(ok, reason_when_not)``."""
     if a == b:
         return True, None
     fa, fb = features(a), features(b)
-    if fa.quotes != fb.quotes:
+    if fa.quotes != fb.quotes and not _quotes_unquoted(a, fa, b, fb):
         return False, f"quote: {list(fa.quotes)} != {list(fb.quotes)}"
     if fa.numbers != fb.numbers:
         return False, f"number: {list(fa.numbers)} != {list(fb.numbers)}"

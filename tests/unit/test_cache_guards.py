@@ -241,6 +241,8 @@ def test_garbage_never_raises() -> None:
          "Explain: SELECT * FROM t WHERE status != 'x';", "quote"),
         ("What does [x*2 for x in range(5)] give?", "What does [x**2 for x in range(5)] give?", "quote"),
         ("Does the regex ^[a-z]+$ match 'Hello'?", "Does the regex ^[a-z]+$ match 'hello'?", "quote"),
+        ("What does 'carpe diem' mean?", "meaning of carpe noctem", "quote"),
+        ("What does `git stash pop` do?", "what does git stash pop do", "quote"),
         ("Can cats eat dog food?", "Can dogs eat cat food?", "direction"),
         ("Is a heat pump more efficient than a gas furnace?",
          "Is a gas furnace more efficient than a heat pump?", "direction"),
@@ -285,6 +287,9 @@ def test_later_rules_veto(a: str, b: str, kind: str) -> None:
         ("How do I split a string by commas in Go?", "How can I split a string on commas using Go?"),
         ("Why is the sky blue?", "What makes the sky blue?"),
         ("What time is it in Paris?", "What time it is in Paris?"),
+        ("What does 'carpe diem' mean?", "meaning of carpe diem"),
+        ("What's the difference between 'its' and 'it's'?", "its vs it's"),
+        ("How do I install Node.js on Ubuntu?", "Installing Node.js on Ubuntu - what are the steps?"),
     ],
 )
 def test_later_rules_keep_paraphrases(a: str, b: str) -> None:
