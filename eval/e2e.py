@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import secrets
 import shutil
@@ -44,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +60,25 @@ from gateway.plugins.semantic_cache import last_user_text  # noqa: E402
 from gateway.settings import SemanticCacheSettings  # noqa: E402
 from gateway.testing.harness import deep_merge, gateway_config, install_test_env  # noqa: E402
 from gateway.testing.processes import AdminClient, GatewayProcess, GatewayStartError  # noqa: E402
+
+
+def _load_evaluate() -> ModuleType:
+    """eval/evaluate.py, loaded by path (eval/ is not a package; "evaluate" alone could be another one)."""
+    name = "tollway_eval_evaluate"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("evaluate.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_ev = _load_evaluate()
+load_pairs = _ev.load_pairs
+message_text = _ev.message_text
+fmt = _ev.fmt
 
 Message = dict[str, Any]
 Pair = dict[str, Any]
@@ -90,11 +111,6 @@ class GatewayFailure(RuntimeError):
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def load_pairs(path: Path) -> list[Pair]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def select(pairs: Sequence[Pair], ids: Sequence[str] | None = None, limit: int | None = None) -> list[Pair]:
     """The pairs with the given ids (in that order), or the first `limit` pairs (all when None)."""
     if ids:
@@ -108,14 +124,7 @@ def select(pairs: Sequence[Pair], ids: Sequence[str] | None = None, limit: int |
 
 def last_text(messages: Sequence[Message]) -> str:
     """The last message's text (for the report)."""
-    if not messages:
-        return ""
-    content = messages[-1].get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
+    return message_text(messages[-1]) if messages else ""
 
 
 @dataclass
@@ -143,56 +152,18 @@ class PairResult:
 
 
 @dataclass
-class Counts:
-    tp: int = 0
-    fp: int = 0
-    tn: int = 0
-    fn: int = 0
+class Counts(_ev.Counts):
+    """eval/evaluate.py's counts (precision, recall, false-hit rate), plus which cache answered."""
+
     hit_exact: int = 0
     hit_semantic: int = 0
 
-    def add(self, r: PairResult) -> None:
-        if r.label and r.hit:
-            self.tp += 1
-        elif r.label:
-            self.fn += 1
-        elif r.hit:
-            self.fp += 1
-        else:
-            self.tn += 1
+    def add_result(self, r: PairResult) -> None:
+        self.add(r.label, r.hit, r.id)
         if r.b_status == "hit-exact":
             self.hit_exact += 1
         elif r.b_status == "hit-semantic":
             self.hit_semantic += 1
-
-    @property
-    def n(self) -> int:
-        return self.tp + self.fp + self.tn + self.fn
-
-    @property
-    def positives(self) -> int:
-        return self.tp + self.fn
-
-    @property
-    def negatives(self) -> int:
-        return self.fp + self.tn
-
-    @property
-    def hits(self) -> int:
-        return self.tp + self.fp
-
-    @property
-    def correct(self) -> int:
-        return self.tp + self.tn
-
-    def precision(self) -> float | None:
-        return self.tp / self.hits if self.hits else None
-
-    def recall(self) -> float | None:
-        return self.tp / self.positives if self.positives else None
-
-    def false_hit_rate(self) -> float | None:
-        return self.fp / self.negatives if self.negatives else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,13 +209,13 @@ class Report:
     def totals(self) -> Counts:
         c = Counts()
         for r in self.scored:
-            c.add(r)
+            c.add_result(r)
         return c
 
     def per_kind(self) -> dict[str, Counts]:
         out: dict[str, Counts] = {}
         for r in self.scored:
-            out.setdefault(r.kind, Counts()).add(r)
+            out.setdefault(r.kind, Counts()).add_result(r)
         return dict(sorted(out.items(), key=lambda kv: (kv[0] != "paraphrase", kv[0])))
 
     def false_hits(self) -> list[PairResult]:
@@ -601,10 +572,6 @@ async def _run_pairs(
 # ---- the report --------------------------------------------------------------------------------------
 
 
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def _cell(text: str, width: int = 90) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -623,14 +590,14 @@ def markdown(report: Report, pairs: Sequence[Pair]) -> str:
         acc = c.correct / c.n if c.n else None
         lines.append(
             f"| {kind} | {c.n} | {c.positives} | {c.negatives} | {c.hits} | {c.hit_exact} | "
-            f"{c.hit_semantic} | {c.correct} | {_f(acc)} |"
+            f"{c.hit_semantic} | {c.correct} | {fmt(acc)} |"
         )
     lines += [
         "",
         "| TP | FP | TN | FN | precision | recall | false-hit rate (FP / negatives) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {total.tp} | {total.fp} | {total.tn} | {total.fn} | {_f(total.precision())} | "
-        f"{_f(total.recall())} | {_f(total.false_hit_rate())} |",
+        f"| {total.tp} | {total.fp} | {total.tn} | {total.fn} | {fmt(total.precision())} | "
+        f"{fmt(total.recall())} | {fmt(total.false_hit_rate())} |",
         "",
     ]
     by_id = {p["id"]: p for p in pairs}
@@ -645,7 +612,7 @@ def markdown(report: Report, pairs: Sequence[Pair]) -> str:
         for r in fh:
             p = by_id[r.id]
             lines.append(
-                f"| {r.id} | {r.kind} | {r.b_status} | {_f(r.similarity)} | "
+                f"| {r.id} | {r.kind} | {r.b_status} | {fmt(r.similarity)} | "
                 f"{_cell(last_text(p['a']))} | {_cell(last_text(p['b']))} |"
             )
     fm = report.false_misses_by_kind()
@@ -681,9 +648,9 @@ def targets_missed(total: Counts, min_precision: float | None, min_recall: float
     missed = []
     precision, recall = total.precision(), total.recall()
     if min_precision is not None and (precision is None or precision < min_precision):
-        missed.append(f"precision {_f(precision)} < {min_precision}")
+        missed.append(f"precision {fmt(precision)} < {min_precision}")
     if min_recall is not None and (recall is None or recall < min_recall):
-        missed.append(f"recall {_f(recall)} < {min_recall}")
+        missed.append(f"recall {fmt(recall)} < {min_recall}")
     return missed
 
 

@@ -162,14 +162,30 @@ class Counts:
     def n(self) -> int:
         return self.tp + self.fp + self.tn + self.fn
 
+    @property
+    def positives(self) -> int:
+        return self.tp + self.fn
+
+    @property
+    def negatives(self) -> int:
+        return self.fp + self.tn
+
+    @property
+    def hits(self) -> int:
+        return self.tp + self.fp
+
+    @property
+    def correct(self) -> int:
+        return self.tp + self.tn
+
     def precision(self) -> float | None:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else None
+        return self.tp / self.hits if self.hits else None
 
     def recall(self) -> float | None:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else None
+        return self.tp / self.positives if self.positives else None
 
     def false_hit_rate(self) -> float | None:
-        return self.fp / (self.fp + self.tn) if self.fp + self.tn else None
+        return self.fp / self.negatives if self.negatives else None
 
 
 def load_pairs(path: Path = PAIRS) -> list[dict[str, Any]]:
@@ -187,7 +203,7 @@ def evaluate(pairs: Sequence[dict[str, Any]], matcher: Matcher) -> tuple[Counts,
     return total, per_kind
 
 
-def _f(x: float | None) -> str:
+def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
@@ -200,7 +216,7 @@ def table(total: Counts, per_kind: dict[str, Counts]) -> str:
     for kind, c in [*rows, ("**all**", total)]:
         lines.append(
             f"| {kind} | {c.n} | {c.tp + c.fn} | {c.fp + c.tn} | {c.tp} | {c.fp} | {c.tn} | {c.fn} | "
-            f"{_f(c.precision())} | {_f(c.recall())} | {_f(c.false_hit_rate())} |"
+            f"{fmt(c.precision())} | {fmt(c.recall())} | {fmt(c.false_hit_rate())} |"
         )
     return "\n".join(lines)
 
@@ -237,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n| threshold | precision | recall | false-hit rate |\n|---:|---:|---:|---:|")
         for t in [x / 20 for x in range(2, 20)]:
             c, _ = evaluate(pairs, make_matcher(sim, t, guards=not args.no_guards))
-            print(f"| {t:.2f} | {_f(c.precision())} | {_f(c.recall())} | {_f(c.false_hit_rate())} |")
+            print(f"| {t:.2f} | {fmt(c.precision())} | {fmt(c.recall())} | {fmt(c.false_hit_rate())} |")
     return 0
 
 

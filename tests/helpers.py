@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -170,3 +171,15 @@ def fixed_usage_reply(prompt_tokens: int, completion_tokens: int) -> dict[str, A
 
 def nano(usd: float) -> int:
     return round(usd * 1_000_000_000)
+
+
+class ThreadSpy:
+    """Wraps a tokenizer: records the thread of every encode() call (to prove it ran off the loop)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.threads: list[threading.Thread] = []
+
+    def encode(self, *args: Any, **kw: Any) -> Any:
+        self.threads.append(threading.current_thread())
+        return self.inner.encode(*args, **kw)

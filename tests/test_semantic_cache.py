@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from helpers import AdminClient, StartGateway, metric_value, metrics_text
+from helpers import AdminClient, StartGateway, ThreadSpy, metric_value, metrics_text
 from prometheus_client import CollectorRegistry
 
 from gateway.api.keys import PIPELINE
@@ -405,18 +405,6 @@ async def test_index_stops_growing_at_max_entries(
 
 
 # ---- the window check runs off the event loop ----------------------------------------------------
-
-
-class ThreadSpy:
-    """Wraps the embedder's tokenizer: records the thread of every encode() call."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.threads: list[threading.Thread] = []
-
-    def encode(self, *args: Any, **kw: Any) -> Any:
-        self.threads.append(threading.current_thread())
-        return self.inner.encode(*args, **kw)
 
 
 @asynccontextmanager

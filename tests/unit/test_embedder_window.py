@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ThreadSpy
 
 from gateway.cache.embedder import EMBEDDING_DIM, Embedder, TextTooLong
 
@@ -22,18 +22,6 @@ FAR_OVER = "x" * 30_000  # more than 256 x 101 characters: over by its length al
 _shared: Embedder | None = None
 
 
-class SpyTokenizer:
-    """Records the thread of every encode() call of the wrapped tokenizer."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.threads: list[threading.Thread] = []
-
-    def encode(self, *args: Any, **kw: Any) -> Any:
-        self.threads.append(threading.current_thread())
-        return self.inner.encode(*args, **kw)
-
-
 @pytest.fixture
 async def embedder() -> AsyncIterator[Embedder]:
     global _shared
@@ -42,14 +30,14 @@ async def embedder() -> AsyncIterator[Embedder]:
         _shared.load()
     e = Embedder(max_batch=64, window_s=0.005)
     e._model, e.max_seq_length = _shared._model, _shared.max_seq_length
-    e._tokenizer = SpyTokenizer(_shared._tokenizer)
+    e._tokenizer = ThreadSpy(_shared._tokenizer)
     yield e
     await e.close()
 
 
-def spy(e: Embedder) -> SpyTokenizer:
+def spy(e: Embedder) -> ThreadSpy:
     tok = e._tokenizer
-    assert isinstance(tok, SpyTokenizer)
+    assert isinstance(tok, ThreadSpy)
     return tok
 
 
