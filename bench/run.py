@@ -766,8 +766,8 @@ def wait_semantic_ready(t: Target, notes: list[str], timeout_s: float = SEMANTIC
 
 def semantic_evidence(t: Target, notes: list[str]) -> None:
     """After the semantic runs: the gateway's cache counters, its index size, and the semantic
-    guard vetoes summed by reason (the text before ":" of the `reason` label), with how many
-    distinct `reason` label values (time series) the gateway exported."""
+    guard vetoes by reason (the `reason` label: the guard's name), with how many distinct
+    `reason` label values (time series) the gateway exported."""
     try:
         text = http_get(t.port, "/metrics").decode()
     except OSError as e:
