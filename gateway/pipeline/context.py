@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from multidict import CIMultiDictProxy
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.pipeline.plugin import ShortCircuit
 
 Endpoint = Literal["chat", "completions", "embeddings", "models"]
 
@@ -53,6 +56,7 @@ class RequestContext:
     """Mutable per-request state. Plugins keep their own data in `state`."""
 
     __slots__ = (
+        "answer",
         "body",
         "client_wants_usage",
         "deployment",
@@ -99,6 +103,9 @@ class RequestContext:
         self.state: dict[str, Any] = {}
         self.response_headers: dict[str, str] | None = None
         """Headers plugins add to the client's response (e.g. x-ratelimit-*), errors included."""
+        self.answer: ShortCircuit | None = None
+        """The answer an `on_lookup` hook found (an exact-cache hit); served once every `on_request`
+        hook let the request in. `usage` is then the answer's usage, so its cost is known."""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start

@@ -32,14 +32,19 @@ class Plugin:
 
     Hooks, all optional:
     - `on_headers(ctx)`: before the body is read (auth belongs here). Called in order.
-    - `on_request(ctx)`: after the body is parsed and the model resolved. Called in order.
-      Return None to continue, a ShortCircuit to answer without a provider, or raise a
-      GatewayError to reject.
+    - `on_lookup(ctx)`: after the body is parsed and the model resolved, before any
+      `on_request`: a cheap lookup that can answer the request (the exact cache). Return a
+      ShortCircuit (with `ctx.usage` set to the answer's usage) to answer; the pipeline keeps it
+      in `ctx.answer`, still runs every `on_request` hook (auth, limits and billing see the
+      answer and its known cost) and serves it if none rejected the request. Called in order
+      until one answers.
+    - `on_request(ctx)`: after the lookups. Called in order. Return None to continue, a
+      ShortCircuit to answer without a provider, or raise a GatewayError to reject.
     - `on_chunk(ctx, chunk)`: each parsed stream chunk, in reverse order; return the chunk (or
       a changed one), or None to drop it. Declaring it turns off raw byte pass-through.
     - `on_response(ctx)`: once per request after it finished, however it finished (success,
       error, client gone); in reverse order. Its failures are logged, never the client's.
-    A failure in on_headers/on_request that is not a GatewayError fails the request unless the
+    A failure in on_headers/on_lookup/on_request that is not a GatewayError fails the request unless the
     plugin sets `fail_open = True`.
     """
 
@@ -53,6 +58,9 @@ class Plugin:
         return None
 
     async def on_headers(self, ctx: RequestContext) -> None:
+        return None
+
+    async def on_lookup(self, ctx: RequestContext) -> ShortCircuit | None:
         return None
 
     async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:

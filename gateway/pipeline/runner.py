@@ -23,6 +23,7 @@ class Pipeline:
     def __init__(self, plugins: Sequence[Plugin]) -> None:
         self.plugins = list(plugins)
         self._headers = [p for p in self.plugins if _overrides(p, "on_headers")]
+        self._lookup = [p for p in self.plugins if _overrides(p, "on_lookup")]
         self._request = [p for p in self.plugins if _overrides(p, "on_request")]
         self._chunk = [p for p in reversed(self.plugins) if _overrides(p, "on_chunk")]
         self._response = [p for p in reversed(self.plugins) if _overrides(p, "on_response")]
@@ -41,6 +42,18 @@ class Pipeline:
                 self._plugin_failed(p, "on_headers", e)
 
     async def run_request(self, ctx: RequestContext) -> ShortCircuit | None:
+        """The lookups, then every on_request hook; the answer to serve, if any."""
+        for p in self._lookup:
+            try:
+                sc = await p.on_lookup(ctx)
+            except GatewayError:
+                raise
+            except Exception as e:
+                self._plugin_failed(p, "on_lookup", e)
+                continue
+            if sc is not None:
+                ctx.answer = sc
+                break
         for p in self._request:
             try:
                 sc = await p.on_request(ctx)
@@ -51,7 +64,7 @@ class Pipeline:
                 continue
             if sc is not None:
                 return sc
-        return None
+        return ctx.answer
 
     def run_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> dict[str, Any] | None:
         for p in self._chunk:

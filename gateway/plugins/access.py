@@ -108,6 +108,8 @@ class _Lease:
     est_prompt: int
     est_tokens: int
     price: ModelPrice
+    charged: int | None = None
+    """Set when admission charged a known cost (nano-USD) at once: there is nothing to settle."""
 
 
 class AccessPlugin(Plugin):
@@ -258,21 +260,36 @@ class AccessPlugin(Plugin):
         assert body is not None and model is not None
         h: str = ctx.state["access.hash"]
         price = self.prices[model]
-        n = body.get("n")
-        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-        est_prompt = estimate_prompt_tokens(body)
-        est_out = self._max_output(ctx) * choices
-        ctx.state["est_tokens"] = est_prompt + est_out  # the router's quotas reuse it
         self._lease_seq += 1
         lease_id = f"{self._lease_prefix}{self._lease_seq:x}"
+        known = ctx.usage if ctx.answer is not None else None
+        if known is not None:
+            # An answer found before admission (an exact-cache hit): its cost is known, so it is
+            # charged at once (no worst-case reservation, nothing to settle) and its real tokens
+            # count against TPM.
+            est_prompt = known.prompt_tokens
+            est_tokens = known.prompt_tokens + known.completion_tokens
+            cost = round(
+                price.cost_nano(known.prompt_tokens, known.completion_tokens, known.cached_tokens)
+                * self.budgets.cache_hit_cost_fraction
+            )
+        else:
+            n = body.get("n")
+            choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+            est_prompt = estimate_prompt_tokens(body)
+            est_out = self._max_output(ctx) * choices
+            est_tokens = est_prompt + est_out
+            cost = price.cost_nano(est_prompt, est_out)
+        ctx.state["est_tokens"] = est_tokens  # the router's quotas reuse it
         admission = Admission(
             key_hash=h,
             now=time.time(),
             model=model,
-            est_tokens=est_prompt + est_out,
-            reserve_nano=price.cost_nano(est_prompt, est_out),
+            est_tokens=est_tokens,
+            reserve_nano=cost,
             lease_id=lease_id,
             lease_ttl_s=self.budgets.lease_ttl_s,
+            charge=known is not None,
         )
         try:
             res = await self.store.admit(admission)
@@ -284,16 +301,25 @@ class AccessPlugin(Plugin):
             # The client left while the store was deciding: the admission may have been applied.
             # Settling the lease (idempotent, cost 0) in on_response releases it either way.
             ctx.state["access.lease"] = _Lease(
-                lease_id, ctx.state["access.key"], None, est_prompt, admission.est_tokens, price
+                lease_id, ctx.state["access.key"], None, est_prompt, est_tokens, price,
+                cost if known is not None else None,
             )
             raise
-        self._apply(ctx, h, res, admission.est_tokens)
-        assert res.key is not None
-        allowed = [m for m in (res.key.allowed_models, res.team.allowed_models if res.team else None) if m]
-        if allowed:  # fallbacks must stay within what the key and its team may use
+        try:
+            self._apply(ctx, h, res, est_tokens)
+        except GatewayError:
+            if ctx.answer is not None:  # refused: the answer is not served, nor counted
+                ctx.answer = None
+                ctx.usage = None
+            raise
+        key, team = res.key, res.team
+        assert key is not None
+        if key.allowed_models or (team is not None and team.allowed_models):
+            allowed = [m for m in (key.allowed_models, team.allowed_models if team else None) if m]
+            # fallbacks must stay within what the key and its team may use
             ctx.state["allowed_models"] = set(allowed[0]).intersection(*allowed[1:])
-        ctx.state["access.lease"] = _Lease(lease_id, res.key, res.team, est_prompt,
-                                          admission.est_tokens, price)
+        ctx.state["access.lease"] = _Lease(lease_id, key, team, est_prompt, est_tokens, price,
+                                          cost if known is not None else None)
         return None
 
     def _admit_degraded(self, ctx: RequestContext, h: str) -> None:
@@ -410,9 +436,12 @@ class AccessPlugin(Plugin):
             cached = 0
         else:
             prompt = completion = cached = 0  # refused or failed before the upstream answered
-        cost = price.cost_nano(prompt, completion, cached)
-        if cache.startswith("hit"):
-            cost = round(cost * self.budgets.cache_hit_cost_fraction)
+        if lease is not None and lease.charged is not None:
+            cost = lease.charged  # spent at admission (a cache hit's known cost)
+        else:
+            cost = price.cost_nano(prompt, completion, cached)
+            if cache.startswith("hit"):
+                cost = round(cost * self.budgets.cache_hit_cost_fraction)
         now = time.time()
         record = SpendRecord(
             ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
@@ -422,7 +451,7 @@ class AccessPlugin(Plugin):
             status=ctx.status,
         )
         settlement = None
-        if lease is not None:
+        if lease is not None and lease.charged is None:
             settlement = Settlement(
                 lease_id=lease.id, key_id=key.id, team_id=key.team_id, now=now,
                 actual_nano=cost, est_tokens=lease.est_tokens, actual_tokens=prompt + completion,

@@ -3,10 +3,15 @@
 Order: after `access`, so a hit has passed auth, rate limits and budget checks, and is billed
 (as `hit-exact`, at `budgets.cache_hit_cost_fraction` of its price) by access's on_response.
 
-- on_request: computes the key (gateway.cache.keys), reads the store and answers a hit with a
-  ShortCircuit: the stored chat.completion / text_completion body, or, for a streaming request,
-  a replay of it as OpenAI SSE chunks (role, content, finish, usage, [DONE]). A miss asks the
-  relay to capture the upstream's bytes (`ctx.state[CAPTURE]`).
+- on_lookup (before admission): computes the key (gateway.cache.keys), reads the store and
+  answers a hit with a ShortCircuit: the stored chat.completion / text_completion body, or, for
+  a streaming request, a replay of it as OpenAI SSE chunks (role, content, finish, usage,
+  [DONE]). It sets `ctx.usage` to the entry's usage, so access admits the hit at its known cost
+  (rate limits counted, the cost charged at once, no worst-case reservation to settle later);
+  the pipeline serves it only after every on_request hook let the request in.
+- on_request (after admission): a request the lookup did not answer waits for an identical one
+  in flight (coalescing, below), else is a miss and asks the relay to capture the upstream's
+  bytes (`ctx.state[CAPTURE]`).
 - on_response: stores complete successful answers (200, every choice finished with stop, length
   or tool_calls, usage present); a stream is assembled from its captured SSE bytes once it
   ended with [DONE]. The store write runs in the background, off the response path.
@@ -28,11 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from gateway.api.streaming import CAPTURE
 from gateway.cache.keys import SHARED_PARTITION, cache_key, cacheability
 from gateway.cache.replay import ReplayStream, assemble, is_complete, stream_events
+from gateway.loopmetrics import LoopCounter, LoopHistogram
 from gateway.pipeline import Plugin, RequestContext, ShortCircuit, Usage
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreUnavailable
@@ -47,6 +53,7 @@ STATUS = "cache.status"
 _KEY = "cache.key"
 _LEADER = "cache.leader"
 _WRITE = "cache.write"
+_RULE = "cache.rule"
 
 
 _RAW_FACTOR = 16
@@ -89,19 +96,20 @@ class ExactCachePlugin(Plugin):
         self.stored_listeners: list[Callable[[RequestContext, str, bytes, asyncio.Task[None]], None]] = []
         """Called (on the event loop, must not block) with every entry being stored and the task that
         writes it (a listener that makes the entry findable elsewhere must wait for it first)."""
-        self.hits = Counter(
+        # Updated on the event loop only (gateway.loopmetrics), also by the semantic cache.
+        self.hits = LoopCounter(
             "tollway_cache_hits", "Requests answered from the cache, by kind (exact, semantic)",
-            ["kind"], registry=registry,
+            ["kind"], registry,
         )
-        self.misses = Counter(
+        self.misses = LoopCounter(
             "tollway_cache_misses",
             "Cacheable requests not found in the cache, by kind of lookup (exact, semantic)",
-            ["kind"], registry=registry,
+            ["kind"], registry,
         )
         self._miss_exact = self.misses.labels("exact")
-        self.lookup = Histogram(
+        self.lookup = LoopHistogram(
             "tollway_cache_lookup_seconds", "Time to look a request up in the exact cache",
-            buckets=_LOOKUP_BUCKETS, registry=registry,
+            (), registry, _LOOKUP_BUCKETS,
         )
         self._hit_exact = self.hits.labels("exact")
 
@@ -113,7 +121,8 @@ class ExactCachePlugin(Plugin):
             ctx.response_headers = {}
         ctx.response_headers[HEADER] = status
 
-    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+    async def on_lookup(self, ctx: RequestContext) -> ShortCircuit | None:
+        """Before admission: a stored answer is found here, so access charges its known cost."""
         body, model = ctx.body, ctx.public_model
         if body is None or model is None or ctx.endpoint not in CACHEABLE_ENDPOINTS:
             self._set_status(ctx, "bypass")
@@ -131,6 +140,7 @@ class ExactCachePlugin(Plugin):
         partition = SHARED_PARTITION if self.cache.shared_partition else team
         key = cache_key(partition, model, ctx.endpoint, body)
         ctx.state[_KEY] = key
+        ctx.state[_RULE] = rule
         if rule.read:
             t0 = time.perf_counter()
             try:
@@ -139,8 +149,22 @@ class ExactCachePlugin(Plugin):
                 log.warning("cache lookup failed: store unavailable; going to the upstream")
                 raw = None
             self.lookup.observe(time.perf_counter() - t0)
-            if raw is None:
-                raw = await self._wait_for_leader(key)
+            if raw is not None:
+                return self._decode(ctx, raw)  # counted as a hit in on_request, once admitted
+        return None
+
+    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+        """After admission, for what on_lookup did not answer: wait for an identical request in
+        flight (coalescing), else a miss that captures the upstream's answer."""
+        rule = ctx.state.get(_RULE)
+        if ctx.answer is not None:
+            self._hit(ctx, "exact")
+            return None
+        if rule is None:
+            return None
+        key: str = ctx.state[_KEY]
+        if rule.read:
+            raw = await self._wait_for_leader(key)
             if raw is not None:
                 sc = self._answer(ctx, raw)
                 if sc is not None:
@@ -168,13 +192,22 @@ class ExactCachePlugin(Plugin):
 
     def _answer(self, ctx: RequestContext, raw: bytes, kind: str = "exact") -> ShortCircuit | None:
         """Serve a stored entry (a hit of `kind`: exact, or semantic for the semantic cache)."""
+        sc = self._decode(ctx, raw)
+        if sc is not None:
+            self._hit(ctx, kind)
+        return sc
+
+    def _hit(self, ctx: RequestContext, kind: str) -> None:
+        self._set_status(ctx, f"hit-{kind}")
+        (self._hit_exact if kind == "exact" else self.hits.labels(kind)).inc()
+
+    def _decode(self, ctx: RequestContext, raw: bytes) -> ShortCircuit | None:
+        """The answer for a stored entry (None if it is not JSON); sets `ctx.usage` to its usage."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             log.warning("cache entry %s is not JSON; ignored", ctx.state.get(_KEY))
             return None
-        self._set_status(ctx, f"hit-{kind}")
-        (self._hit_exact if kind == "exact" else self.hits.labels(kind)).inc()
         ctx.usage = Usage.from_openai(body.get("usage"))
         if ctx.stream:
             return ShortCircuit(stream=ReplayStream(stream_events(body, ctx.endpoint)))

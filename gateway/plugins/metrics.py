@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from gateway.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 from gateway.pipeline import Plugin, RequestContext
 from gateway.pipeline.plugin import Handler
 
@@ -16,7 +15,9 @@ _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.
 
 
 class MetricsPlugin(Plugin):
-    """Counts every request however it ended; `/metrics` serves the registry."""
+    """Counts every request however it ended; `/metrics` serves the registry.
+
+    Its metrics are updated on the event loop only (gateway.loopmetrics: no lock per update)."""
 
     name = "metrics"
     fail_open = True
@@ -24,70 +25,59 @@ class MetricsPlugin(Plugin):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "tollway_requests", "Requests by endpoint, model and HTTP status",
-            ["endpoint", "model", "status"], registry=r,
+            ["endpoint", "model", "status"], r,
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "tollway_request_duration_seconds", "Whole request latency seen by the gateway",
-            ["endpoint", "model"], buckets=_LATENCY, registry=r,
+            ["endpoint", "model"], r, _LATENCY,
         )
-        self.upstream = Histogram(
+        self.upstream = LoopHistogram(
             "tollway_upstream_duration_seconds", "Time spent waiting on the upstream",
-            ["provider", "deployment"], buckets=_LATENCY, registry=r,
+            ["provider", "deployment"], r, _LATENCY,
         )
-        self.overhead = Histogram(
+        self.overhead = LoopHistogram(
             "tollway_gateway_overhead_seconds",
             "Time spent in the gateway itself, excluding the upstream",
-            ["endpoint"], buckets=_OVERHEAD, registry=r,
+            ["endpoint"], r, _OVERHEAD,
         )
-        self.ttfb = Histogram(
+        self.ttfb = LoopHistogram(
             "tollway_time_to_first_chunk_seconds", "Streams: request start to first byte sent",
-            ["model"], buckets=_LATENCY, registry=r,
+            ["model"], r, _LATENCY,
         )
-        self.tokens = Counter(
+        self.tokens = LoopCounter(
             "tollway_tokens", "Tokens by model and kind (prompt, completion, cached)",
-            ["model", "kind"], registry=r,
+            ["model", "kind"], r,
         )
-        self.in_flight = Gauge(
-            "tollway_requests_in_flight", "Requests being served now", registry=r
-        )
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        c = self._children.get(key)
-        if c is None:
-            c = metric.labels(*labels)
-            if len(self._children) < 100_000:
-                self._children[key] = c
-        return c
+        self.in_flight = LoopGauge("tollway_requests_in_flight", "Requests being served now", (), r)
+        self._in_flight = self.in_flight.labels()
 
     async def on_headers(self, ctx: RequestContext) -> None:
-        self.in_flight.inc()
+        self._in_flight.value += 1
         ctx.state["metrics.counted"] = True
 
     async def on_response(self, ctx: RequestContext) -> None:
         if ctx.state.pop("metrics.counted", False):
-            self.in_flight.dec()
+            self._in_flight.value -= 1
         model = ctx.public_model or "unknown"
         ep = ctx.endpoint
-        self._child(self.requests, ep, model, str(ctx.status)).inc()
-        self._child(self.duration, ep, model).observe(ctx.elapsed())
+        self.requests.labels(ep, model, str(ctx.status)).value += 1
+        self.duration.labels(ep, model).observe(ctx.elapsed())
         if ctx.deployment is not None and ctx.upstream_s:
-            self._child(self.upstream, ctx.provider or "", ctx.deployment).observe(ctx.upstream_s)
+            self.upstream.labels(ctx.provider or "", ctx.deployment).observe(ctx.upstream_s)
         if ctx.overhead_s is not None:
-            self._child(self.overhead, ep).observe(ctx.overhead_s)
+            self.overhead.labels(ep).observe(ctx.overhead_s)
         if ctx.ttfb_s is not None:
-            self._child(self.ttfb, model).observe(ctx.ttfb_s)
+            self.ttfb.labels(model).observe(ctx.ttfb_s)
         u = ctx.usage
         if u is not None:
             if u.prompt_tokens:
-                self._child(self.tokens, model, "prompt").inc(u.prompt_tokens)
+                self.tokens.labels(model, "prompt").value += u.prompt_tokens
             if u.completion_tokens:
-                self._child(self.tokens, model, "completion").inc(u.completion_tokens)
+                self.tokens.labels(model, "completion").value += u.completion_tokens
             if u.cached_tokens:
-                self._child(self.tokens, model, "cached").inc(u.cached_tokens)
+                self.tokens.labels(model, "cached").value += u.cached_tokens
 
     async def _serve(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -123,6 +123,9 @@ class Admission:
     lease_ttl_s: float
     check_rate: bool = True
     check_budget: bool = True
+    charge: bool = False
+    """The cost is known before the call (a cache hit): `reserve_nano` is spent at once and
+    `est_tokens` are the real tokens; no lease is held and nothing is settled afterwards."""
 
 
 @dataclass(slots=True)

@@ -307,16 +307,23 @@ class EmbeddedStore:
                         budget_reset_at=period_bounds(budget.period, now)[1],
                         requests=rate_info(req_slots, now), tokens=rate_info(tok_slots, now),
                     )
-        # Admitted: count the hits and hold the lease against both scopes.
+        # Admitted: count the hits and hold the lease against both scopes (or, for a known
+        # cost, spend it now).
         for win, cur, need in counted:
             _count(win, w, cur + need)
-        lease = _Lease(a.reserve_nano, now + a.lease_ttl_s, w,
-                       (pids["daily"], pids["weekly"], pids["monthly"]))
-        for st in (ks, ts):
-            if a.lease_id not in st.leases:
-                st.leases[a.lease_id] = lease
-                heapq.heappush(st.heap, (lease.expiry, a.lease_id))
-                st.reserved += lease.amount
+        if a.charge:
+            if a.reserve_nano:
+                for name in ("key:" + kid, "team:" + team.id):
+                    for pid in (pids["daily"], pids["weekly"], pids["monthly"], TOTAL_PID):
+                        self._add_spend(name, pid, a.reserve_nano)
+        else:
+            lease = _Lease(a.reserve_nano, now + a.lease_ttl_s, w,
+                           (pids["daily"], pids["weekly"], pids["monthly"]))
+            for st in (ks, ts):
+                if a.lease_id not in st.leases:
+                    st.leases[a.lease_id] = lease
+                    heapq.heappush(st.heap, (lease.expiry, a.lease_id))
+                    st.reserved += lease.amount
         if not counted:
             return AdmitResult("ok", key, team)
         return AdmitResult(

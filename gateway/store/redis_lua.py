@@ -49,7 +49,8 @@ end
 
 ADMIT = _PRELUDE + r"""
 -- ARGV: 2 key hash, 3 now, 4 model, 5 est tokens, 6 reserve nano, 7 lease id, 8 lease expiry,
--- 9 check rate, 10 check budget, 11-13 daily/weekly/monthly pid, 14 lease keys TTL (s)
+-- 9 check rate, 10 check budget, 11-13 daily/weekly/monthly pid, 14 lease keys TTL (s),
+-- 15 charge ('1': the cost is known, spend the reserve now instead of holding a lease)
 -- Returns {status, key json, team json, scope, limit kind, slots, refused slot}; status
 -- 0 ok, 1 unknown key, 2 revoked, 3 expired, 4 model not allowed, 5 rate limited, 6 over budget.
 -- slots: 12 integers, (limit or -1, previous window, current window) for key requests,
@@ -141,6 +142,22 @@ for i = 1, #counted do
   local c = counted[i]
   slots[c[3]] = redis.call('INCRBY', c[1], c[2])
   redis.call('EXPIRE', c[1], 130)
+end
+if ARGV[15] == '1' then
+  -- a known cost (a cache hit): spend it now, no lease
+  if ARGV[6] ~= '0' then
+    local ttls = {3 * 86400, 15 * 86400, 70 * 86400}
+    local pl = {ARGV[11], ARGV[12], ARGV[13]}
+    for _, name in ipairs({kname, tname}) do
+      local sp = P .. 'sp:' .. name .. ':'
+      for j = 1, 3 do
+        redis.call('INCRBY', sp .. pl[j], ARGV[6])
+        redis.call('EXPIRE', sp .. pl[j], ttls[j])
+      end
+      redis.call('INCRBY', sp .. 't0', ARGV[6])
+    end
+  end
+  return {0, kjson, tjson, false, false, slots}
 end
 local lease = ARGV[6] .. '|' .. ws .. '|' .. ARGV[11] .. '|' .. ARGV[12] .. '|' .. ARGV[13]
 for _, name in ipairs({kname, tname}) do

@@ -288,7 +288,7 @@ class RedisStore:
             self._p, a.key_hash, repr(a.now), a.model, a.est_tokens, a.reserve_nano, a.lease_id,
             repr(a.now + a.lease_ttl_s), 1 if a.check_rate else 0, 1 if a.check_budget else 0,
             pids["daily"], pids["weekly"], pids["monthly"],
-            int(a.lease_ttl_s) + _LEASE_KEYS_EXTRA_TTL_S,
+            int(a.lease_ttl_s) + _LEASE_KEYS_EXTRA_TTL_S, 1 if a.charge else 0,
         ]
         with _unavailable:
             res: list[Any] = await self._admit(args=args)
