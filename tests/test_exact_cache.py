@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,9 +15,11 @@ import pytest
 from helpers import (
     AdminClient,
     StartGateway,
+    fake_usage,
     fixed_usage_reply,
     metric_value,
     metrics_text,
+    nano,
     sse_data_lines,
     usd_cost,
 )
@@ -24,6 +27,7 @@ from helpers import (
 from gateway.cache.keys import cache_key
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config, running_gateway
+from gateway.wire.tokens import estimate_prompt_tokens
 
 CHAT = "/v1/chat/completions"
 MSGS: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
@@ -552,3 +556,210 @@ async def test_waiters_go_upstream_when_the_leader_disconnects(
     _, (h, text, _) = await asyncio.gather(leader(), waiter())
     assert h == "miss" and text
     assert chat_calls(fake) == 2 and fake.requests[0].client_gone
+
+
+# ---- hits are admitted at their known cost (charged at once, real tokens against TPM) ----------
+
+
+async def stored(admin: AdminClient, team: str, entries: int, timeout_s: float = 3.0) -> None:
+    """Wait until the team's partition holds `entries` entries (writes are off the response path),
+    so that the next identical request finds its answer before admission (not from the leader)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        stats = await admin.ok("GET", f"/admin/cache/stats?team_id={team}")
+        got = stats["teams"].get(team, {}).get("entries", 0)
+        if got >= entries or asyncio.get_running_loop().time() > deadline:
+            assert got == entries, stats
+            return
+        await asyncio.sleep(0.02)
+
+
+async def post_chat(
+    http: aiohttp.ClientSession, base_url: str, key: str, body: dict[str, Any]
+) -> tuple[int, Any, dict[str, Any]]:
+    """(status, headers, parsed JSON body) of one raw chat request."""
+    async with http.post(base_url + CHAT, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        return r.status, r.headers, orjson.loads(await r.read())
+
+
+async def exact_hits(http: aiohttp.ClientSession, base_url: str) -> float:
+    return metric_value(await metrics_text(http, base_url), "tollway_cache_hits_total", kind="exact")
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store_config(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """The `store` section of a gateway config: the default embedded store, or a real Redis."""
+    if request.param == "embedded":
+        yield {}
+        return
+    from gateway.testing.redis_server import RedisServer
+
+    async with RedisServer() as srv:
+        yield {"store": {"backend": "redis", "url": srv.url, "prefix": "charge-test:"}}
+
+
+async def test_hit_is_charged_its_cost_fraction_at_once(
+    fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession, store_config: dict[str, Any]
+) -> None:
+    """A hit's cost is known: it is spent at admission (no reservation to settle) at
+    `cache_hit_cost_fraction` of the stored usage's price. Its budget fits exactly what the miss
+    and the hit cost, which a worst-case reservation for the hit would not fit."""
+    prompt, completion = 1001, 333
+    full = nano(usd_cost(prompt, completion))  # 1001 * $1/M + 333 * $2/M = 1_667_000 nano-USD
+    half = round(full * 0.5)
+    assert (full, half) == (1_667_000, 833_500)
+    worst_case = nano(usd_cost(estimate_prompt_tokens({"messages": MSGS}), 500))
+    assert half < worst_case < full + half  # a reservation fits the miss but not the hit
+    config = gateway_config(fake.base_url, budgets={"cache_hit_cost_fraction": 0.5}, **store_config)
+    fake.enqueue(Behaviour(body=fixed_usage_reply(prompt, completion)))
+    async with running_gateway(config) as url:
+        admin = AdminClient(http, url, keys.admin)
+        await admin.create_team(id="half", name="half", budget={"limit_usd": 1.0, "period": "monthly"})
+        k = await admin.create_key(
+            team_id="half", budget={"limit_usd": (full + half) / 1e9, "period": "daily"}
+        )
+        assert (await ask(url, k["key"], max_tokens=500))[0] == "miss"
+        b, n = await admin.settled(k["id"], 1)
+        assert (nano(b["spent_usd"]), b["reserved_usd"], n) == (full, 0, 1)
+        await stored(admin, "half", 1)
+
+        h, _, c = await ask(url, k["key"], max_tokens=500)
+        assert h == "hit-exact"
+        assert c.usage is not None
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (prompt, completion)
+        # right after the response: already spent, nothing reserved, on the key and its team
+        b = await admin.budget("key", k["id"])
+        assert (nano(b["spent_usd"]), b["reserved_usd"]) == (full + half, 0)
+        assert b["remaining_usd"] == 0
+        t = await admin.budget("team", "half")
+        assert (nano(t["spent_usd"]), t["reserved_usd"]) == (full + half, 0)
+
+        # the key's budget is used up: the next hit is refused
+        with pytest.raises(openai.RateLimitError) as ei:
+            await ask(url, k["key"], max_tokens=500)
+        assert ei.value.response.json()["error"]["code"] == "budget_exceeded"
+        assert ei.value.response.headers.get("x-tollway-cache") != "hit-exact"
+
+        # the ledger: the miss at full price, the hit at half, the refusal at 0; charged once
+        b, n = await admin.settled(k["id"], 3)
+        assert (nano(b["spent_usd"]), b["reserved_usd"], n) == (full + half, 0, 3)
+        rows = (await admin.spend(group_by="key"))["rows"]
+        (row,) = [r for r in rows if r["key_id"] == k["id"]]
+        assert (row["requests"], nano(row["cost_usd"])) == (3, full + half)
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (2 * prompt, 2 * completion)
+        assert await exact_hits(http, url) == 1
+    assert chat_calls(fake) == 1
+
+
+async def test_hit_refused_by_the_rpm_limit_is_not_served_nor_counted(
+    start_gateway: StartGateway, fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    url = await start_gateway(budgets={"cache_hit_cost_fraction": 0.5})
+    admin = AdminClient(http, url, keys.admin)
+    await admin.create_team(id="rpm2", name="rpm2")
+    k = await admin.create_key(team_id="rpm2", name="two a minute", rpm=2)
+    fake.enqueue(Behaviour(body=fixed_usage_reply(100, 40)))
+    body = {"model": "gpt-test", "messages": MSGS, "temperature": 0, "max_tokens": 50}
+
+    status, headers, first = await post_chat(http, url, k["key"], body)
+    assert (status, headers["x-tollway-cache"]) == (200, "miss")
+    await stored(admin, "rpm2", 1)
+    status, headers, second = await post_chat(http, url, k["key"], body)
+    assert (status, headers["x-tollway-cache"]) == (200, "hit-exact")
+    assert second == first
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert await exact_hits(http, url) == 1
+
+    status, headers, err = await post_chat(http, url, k["key"], body)
+    assert status == 429
+    assert headers.get("x-tollway-cache") != "hit-exact"
+    assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) > 0
+    assert (err["error"]["code"], err["error"]["type"]) == ("rate_limit_exceeded", "requests")
+    assert "choices" not in err
+    m = await metrics_text(http, url)
+    assert metric_value(m, "tollway_cache_hits_total", kind="exact") == 1  # not counted as a hit
+    assert metric_value(m, "tollway_access_rejections_total", reason="rate_limited", scope="key") == 1
+    assert metric_value(m, "tollway_tokens_total", model="gpt-test", kind="completion") == 2 * 40
+    assert chat_calls(fake) == 1
+
+    # on the ledger: the miss at full price, the hit at half, the refused request at 0
+    b, n = await admin.settled(k["id"], 3)
+    assert (n, b["reserved_usd"]) == (3, 0)
+    full = nano(usd_cost(100, 40))
+    assert nano(b["spent_usd"]) == full + round(full * 0.5)
+    (row,) = [r for r in (await admin.spend(group_by="key"))["rows"] if r["key_id"] == k["id"]]
+    assert (row["requests"], nano(row["cost_usd"])) == (3, full + round(full * 0.5))
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (200, 80)
+
+
+async def test_hits_refused_by_key_checks_are_not_served(
+    gateway: str, fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    """An answer found before admission is dropped when admission refuses the key (401, 403)."""
+    admin = AdminClient(http, gateway, keys.admin)
+    await admin.create_team(id="chk", name="chk")
+    filler = await admin.create_key(team_id="chk", name="filler")
+    other_model = await admin.create_key(team_id="chk", allowed_models=["mock-chat"])
+    doomed = await admin.create_key(team_id="chk", name="doomed")
+    body = {"model": "gpt-test", "messages": MSGS, "temperature": 0}
+    status, headers, _ = await post_chat(http, gateway, filler["key"], body)
+    assert (status, headers["x-tollway-cache"]) == (200, "miss")
+    await stored(admin, "chk", 1)
+    status, headers, _ = await post_chat(http, gateway, doomed["key"], body)
+    assert (status, headers["x-tollway-cache"]) == (200, "hit-exact")  # the gateway knows this key now
+    assert await exact_hits(http, gateway) == 1
+
+    await admin.ok("POST", f"/admin/keys/{doomed['id']}/revoke")
+    status, headers, err = await post_chat(http, gateway, doomed["key"], body)
+    assert (status, err["error"]["code"]) == (401, "revoked_api_key")
+    assert headers.get("x-tollway-cache") != "hit-exact" and "choices" not in err
+    status, headers, err = await post_chat(http, gateway, other_model["key"], body)
+    assert (status, err["error"]["code"]) == (403, "model_not_allowed")
+    assert headers.get("x-tollway-cache") != "hit-exact" and "choices" not in err
+    assert await exact_hits(http, gateway) == 1
+    assert chat_calls(fake) == 1
+
+
+async def test_hits_count_their_real_tokens_against_tpm(
+    gateway: str, fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession
+) -> None:
+    """A hit is admitted on the cached answer's usage (prompt + completion), not on the estimate
+    (prompt estimate + max_tokens): a TPM limit of 3 hits fits exactly 3, one token less fits 2."""
+    prompt, completion = fake_usage(MSGS)
+    per_hit = prompt + completion
+    body = {"model": "gpt-test", "messages": MSGS, "temperature": 0, "max_tokens": 10}
+    assert estimate_prompt_tokens(body) + 10 != per_hit  # the two must differ for this test to tell
+    admin = AdminClient(http, gateway, keys.admin)
+    await admin.create_team(id="tpmhit", name="tpmhit")
+    filler = await admin.create_key(team_id="tpmhit", name="filler")  # no limits: stores the answer
+    exact3 = await admin.create_key(team_id="tpmhit", name="three hits", tpm=3 * per_hit)
+    under3 = await admin.create_key(team_id="tpmhit", name="two hits", tpm=3 * per_hit - 1)
+
+    status, headers, answer = await post_chat(http, gateway, filler["key"], body)
+    assert (status, headers["x-tollway-cache"]) == (200, "miss")
+    assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (prompt, completion)
+    await stored(admin, "tpmhit", 1)
+
+    async def hits_until_refused(k: dict[str, Any]) -> tuple[list[str], Any, dict[str, Any]]:
+        remaining: list[str] = []
+        for _ in range(5):
+            status, headers, data = await post_chat(http, gateway, k["key"], body)
+            if status != 200:
+                return remaining, headers, data
+            assert headers["x-tollway-cache"] == "hit-exact" and data == answer
+            remaining.append(headers["x-ratelimit-remaining-tokens"])
+        raise AssertionError(f"{k['name']}: never refused")
+
+    for k, limit, admitted in ((exact3, 3 * per_hit, 3), (under3, 3 * per_hit - 1, 2)):
+        remaining, headers, err = await hits_until_refused(k)
+        assert len(remaining) == admitted, (k["name"], remaining)
+        # the first hit of a fresh key: its window holds exactly the cached answer's tokens
+        assert remaining[0] == str(limit - per_hit)
+        assert headers["x-ratelimit-limit-tokens"] == str(limit)
+        assert headers.get("x-tollway-cache") != "hit-exact"
+        assert (err["error"]["code"], err["error"]["type"]) == ("rate_limit_exceeded", "tokens")
+        assert int(headers["retry-after"]) >= 1
+    m = await metrics_text(http, gateway)
+    assert metric_value(m, "tollway_cache_hits_total", kind="exact") == 3 + 2
+    assert metric_value(m, "tollway_access_rejections_total", reason="rate_limited", scope="key") == 2
+    assert chat_calls(fake) == 1

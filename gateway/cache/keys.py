@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from gateway.wire.tokens import max_output_tokens
+
 _IGNORED = frozenset({"stream", "stream_options"})
 """Fields that change how the answer is delivered, not what it says."""
 
@@ -32,18 +34,29 @@ class Cacheability:
     reason: str | None = None
 
 
-def canonical_request(public_model: str, endpoint: str, body: dict[str, Any]) -> bytes:
-    """The canonical bytes hashed into the key (the public model replaces the body's `model`)."""
+def canonical_request(
+    public_model: str, endpoint: str, body: dict[str, Any], default_max_tokens: int | None = None
+) -> bytes:
+    """The canonical bytes hashed into the key (the public model replaces the body's `model`).
+
+    `default_max_tokens`: the output cap the gateway sends when the client gave none (the model's
+    `max_output_tokens`); it is part of the question, so a request without a cap and one with
+    that cap share an entry, and answers cut at an old cap are not served once it changes."""
     doc = {k: v for k, v in body.items() if k not in _IGNORED}
     doc["model"] = public_model
+    if default_max_tokens is not None and max_output_tokens(body) is None:
+        doc["max_tokens"] = default_max_tokens
     return orjson.dumps(
         {"endpoint": endpoint, "request": doc}, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
     )
 
 
-def cache_key(partition: str, public_model: str, endpoint: str, body: dict[str, Any]) -> str:
+def cache_key(
+    partition: str, public_model: str, endpoint: str, body: dict[str, Any],
+    default_max_tokens: int | None = None,
+) -> str:
     """`<partition>:<endpoint>:<sha256 hex>`; the partition is the team id (or "shared")."""
-    digest = hashlib.sha256(canonical_request(public_model, endpoint, body)).hexdigest()
+    digest = hashlib.sha256(canonical_request(public_model, endpoint, body, default_max_tokens)).hexdigest()
     return f"{partition}:{endpoint}:{digest}"
 
 
@@ -77,6 +90,11 @@ def cacheability(
         return Cacheability(False, False, "n")
     if not allow_tools and (body.get("tools") or body.get("functions")):
         return Cacheability(False, False, "tools")
+    if not cache_control_header:
+        return _READ_WRITE
     no_cache, no_store = cache_control(cache_control_header)
     reason = "cache-control" if no_cache and no_store else None
     return Cacheability(not no_cache, not no_store, reason)
+
+
+_READ_WRITE = Cacheability(True, True)

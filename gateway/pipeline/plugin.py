@@ -44,6 +44,8 @@ class Plugin:
       a changed one), or None to drop it. Declaring it turns off raw byte pass-through.
     - `on_response(ctx)`: once per request after it finished, however it finished (success,
       error, client gone); in reverse order. Its failures are logged, never the client's.
+    The four request hooks may be plain methods or coroutines (`async def`): a hook that never
+    waits is cheaper as a plain method (no coroutine per request).
     A failure in on_headers/on_lookup/on_request that is not a GatewayError fails the request unless the
     plugin sets `fail_open = True`.
     """
@@ -57,19 +59,19 @@ class Plugin:
     async def on_shutdown(self) -> None:
         return None
 
-    async def on_headers(self, ctx: RequestContext) -> None:
+    def on_headers(self, ctx: RequestContext) -> Awaitable[None] | None:
         return None
 
-    async def on_lookup(self, ctx: RequestContext) -> ShortCircuit | None:
+    def on_lookup(self, ctx: RequestContext) -> Awaitable[ShortCircuit | None] | ShortCircuit | None:
         return None
 
-    async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
+    def on_request(self, ctx: RequestContext) -> Awaitable[ShortCircuit | None] | ShortCircuit | None:
         return None
 
     def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> dict[str, Any] | None:
         return chunk
 
-    async def on_response(self, ctx: RequestContext) -> None:
+    def on_response(self, ctx: RequestContext) -> Awaitable[None] | None:
         return None
 
     def routes(self) -> list[tuple[str, str, Handler]]:

@@ -35,7 +35,9 @@ class Pipeline:
     async def run_headers(self, ctx: RequestContext) -> None:
         for p in self._headers:
             try:
-                await p.on_headers(ctx)
+                r = p.on_headers(ctx)
+                if r is not None:
+                    await r
             except GatewayError:
                 raise
             except Exception as e:
@@ -45,7 +47,9 @@ class Pipeline:
         """The lookups, then every on_request hook; the answer to serve, if any."""
         for p in self._lookup:
             try:
-                sc = await p.on_lookup(ctx)
+                sc = p.on_lookup(ctx)
+                if sc is not None and not isinstance(sc, ShortCircuit):
+                    sc = await sc
             except GatewayError:
                 raise
             except Exception as e:
@@ -56,7 +60,9 @@ class Pipeline:
                 break
         for p in self._request:
             try:
-                sc = await p.on_request(ctx)
+                sc = p.on_request(ctx)
+                if sc is not None and not isinstance(sc, ShortCircuit):
+                    sc = await sc
             except GatewayError:
                 raise
             except Exception as e:
@@ -81,7 +87,9 @@ class Pipeline:
     async def run_response(self, ctx: RequestContext) -> None:
         for p in self._response:
             try:
-                await p.on_response(ctx)
+                r = p.on_response(ctx)
+                if r is not None:
+                    await r
             except Exception:
                 log.exception("plugin %s on_response failed (request %s)", p.name, ctx.request_id)
 

@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -100,6 +101,14 @@ def _rate_headers(requests: RateInfo | None, tokens: RateInfo | None) -> dict[st
     return h
 
 
+def _drop_answer(ctx: RequestContext) -> None:
+    """A request refused (or gone) at admission: an answer found before it is not served, and its
+    usage is not counted anywhere."""
+    if ctx.answer is not None:
+        ctx.answer = None
+        ctx.usage = None
+
+
 @dataclass(slots=True)
 class _Lease:
     id: str
@@ -128,10 +137,13 @@ class AccessPlugin(Plugin):
         self.models = settings.models
         self.budgets = settings.budgets
         self.settings = settings
-        self._keys: dict[str, tuple[KeyRecord, float]] = {}
+        self._keys: dict[str, tuple[KeyRecord, Principal]] = {}
+        """Key hash -> the key record last seen and the Principal built from it."""
         self._teams: dict[str, TeamRecord] = {}
         self._active: dict[tuple[str, str], float] = {}
         """(key id, team id) -> monotonic time of its last settled request, for alert checks."""
+        self._admit_now: Callable[[Admission], AdmitResult] | None = getattr(store, "admit_now", None)
+        """A store that decides in memory (embedded) admits synchronously: no coroutine per request."""
         self._lease_prefix = secrets.token_hex(8) + "-"  # unique per process; a counter after it
         self._lease_seq = 0
         self._loops: list[asyncio.Task[None]] = []
@@ -199,12 +211,17 @@ class AccessPlugin(Plugin):
         # Billable requests are re-checked atomically by admit(); others look the key up now.
         if cached is None or ctx.endpoint not in BILLABLE:
             key = await self.lookup(h)
+            self.check_key(key, h)
+            assert key is not None
+            cached = self._keys.get(h)
+            principal = cached[1] if cached is not None and cached[0] is key else Principal(
+                team=key.team_id, key_id=key.id, key_name=key.name
+            )
         else:
-            key = cached[0]
-        self.check_key(key, h)
-        assert key is not None
+            key, principal = cached
+            self.check_key(key, h)
         ctx.state["access.key"] = key
-        ctx.principal = Principal(team=key.team_id, key_id=key.id, key_name=key.name)
+        ctx.principal = principal
 
     async def lookup(self, h: str) -> KeyRecord | None:
         try:
@@ -225,7 +242,7 @@ class AccessPlugin(Plugin):
     def _remember(self, h: str, key: KeyRecord) -> None:
         if len(self._keys) >= _KEY_CACHE_MAX:
             self._keys.clear()
-        self._keys[h] = (key, time.monotonic())
+        self._keys[h] = (key, Principal(team=key.team_id, key_id=key.id, key_name=key.name))
 
     def check_key(self, key: KeyRecord | None, h: str) -> None:
         if key is None:
@@ -292,10 +309,14 @@ class AccessPlugin(Plugin):
             charge=known is not None,
         )
         try:
-            res = await self.store.admit(admission)
+            res = self._admit_now(admission) if self._admit_now else await self.store.admit(admission)
         except StoreUnavailable:
             self.store_errors.labels("admit").inc()
-            self._admit_degraded(ctx, h)
+            try:
+                self._admit_degraded(ctx, h)
+            except GatewayError:
+                _drop_answer(ctx)
+                raise
             return None
         except asyncio.CancelledError:
             # The client left while the store was deciding: the admission may have been applied.
@@ -304,13 +325,12 @@ class AccessPlugin(Plugin):
                 lease_id, ctx.state["access.key"], None, est_prompt, est_tokens, price,
                 cost if known is not None else None,
             )
+            _drop_answer(ctx)
             raise
         try:
             self._apply(ctx, h, res, est_tokens)
         except GatewayError:
-            if ctx.answer is not None:  # refused: the answer is not served, nor counted
-                ctx.answer = None
-                ctx.usage = None
+            _drop_answer(ctx)
             raise
         key, team = res.key, res.team
         assert key is not None
@@ -340,9 +360,13 @@ class AccessPlugin(Plugin):
 
     def _apply(self, ctx: RequestContext, h: str, res: AdmitResult, est_tokens: int) -> None:
         status = res.status
-        if res.key is not None:
-            self._remember(h, res.key)
-            ctx.principal = Principal(team=res.key.team_id, key_id=res.key.id, key_name=res.key.name)
+        key = res.key
+        if key is not None:
+            cached = self._keys.get(h)
+            if cached is None or cached[0] is not key:  # the embedded store returns the same record
+                self._remember(h, key)
+                cached = self._keys[h]
+            ctx.principal = cached[1]
         if res.team is not None:
             self._teams[res.team.id] = res.team
         headers = _rate_headers(res.requests, res.tokens)
@@ -410,7 +434,7 @@ class AccessPlugin(Plugin):
 
     # ---- after the request -------------------------------------------------------------------
 
-    async def on_response(self, ctx: RequestContext) -> None:
+    def on_response(self, ctx: RequestContext) -> None:
         lease: _Lease | None = ctx.state.pop("access.lease", None)
         other: KeyRecord | None = ctx.state.pop("access.unmetered", None) or ctx.state.pop(
             "access.refused", None
@@ -443,12 +467,9 @@ class AccessPlugin(Plugin):
             if cache.startswith("hit"):
                 cost = round(cost * self.budgets.cache_hit_cost_fraction)
         now = time.time()
-        record = SpendRecord(
-            ts=now, request_id=ctx.request_id, team_id=key.team_id, key_id=key.id,
-            model=ctx.public_model or "", provider=ctx.provider or "",
-            prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-            cost_nano=cost, cache=cache, latency_ms=round(ctx.elapsed() * 1000, 3),
-            status=ctx.status,
+        record = SpendRecord(  # positional (it runs on every request): the fields in order
+            now, ctx.request_id, key.team_id, key.id, ctx.public_model or "", ctx.provider or "",
+            prompt, completion, cached, cost, cache, round(ctx.elapsed() * 1000, 3), ctx.status,
         )
         settlement = None
         if lease is not None and lease.charged is None:

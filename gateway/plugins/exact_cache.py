@@ -54,6 +54,9 @@ _KEY = "cache.key"
 _LEADER = "cache.leader"
 _WRITE = "cache.write"
 _RULE = "cache.rule"
+_USAGE_MEMO_MAX = 1024
+_USAGE_MEMO_ENTRY_MAX = 16 * 1024
+"""The usage memo holds a reference to the entries it remembers: at most 1024 of <= 16 KiB each."""
 
 
 _RAW_FACTOR = 16
@@ -92,6 +95,8 @@ class ExactCachePlugin(Plugin):
         self.cache = settings.cache
         self.store = store
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._usage_memo: dict[str, tuple[bytes, Usage | None]] = {}
+        """Cache key -> (the entry's bytes object, its usage): see _decode."""
         self._writes: set[asyncio.Task[None]] = set()
         self.stored_listeners: list[Callable[[RequestContext, str, bytes, asyncio.Task[None]], None]] = []
         """Called (on the event loop, must not block) with every entry being stored and the task that
@@ -138,29 +143,35 @@ class ExactCachePlugin(Plugin):
             return None
         team = ctx.principal.team if ctx.principal is not None else "default"
         partition = SHARED_PARTITION if self.cache.shared_partition else team
-        key = cache_key(partition, model, ctx.endpoint, body)
+        key = cache_key(partition, model, ctx.endpoint, body, self.settings.models[model].max_output_tokens)
         ctx.state[_KEY] = key
         ctx.state[_RULE] = rule
         if rule.read:
             t0 = time.perf_counter()
             try:
-                raw = await self.store.cache_get(key, team)
+                raw = await self.store.cache_get(key)  # counted in on_request, once admitted
             except StoreUnavailable:
                 log.warning("cache lookup failed: store unavailable; going to the upstream")
                 raw = None
             self.lookup.observe(time.perf_counter() - t0)
             if raw is not None:
-                return self._decode(ctx, raw)  # counted as a hit in on_request, once admitted
+                return self._decode(ctx, raw)
         return None
 
     async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:
         """After admission, for what on_lookup did not answer: wait for an identical request in
         flight (coalescing), else a miss that captures the upstream's answer."""
         rule = ctx.state.get(_RULE)
+        if rule is None:
+            return None
+        team = ctx.principal.team if ctx.principal is not None else "default"
+        if rule.read:
+            try:
+                await self.store.cache_count(team, ctx.answer is not None)
+            except StoreUnavailable:
+                pass
         if ctx.answer is not None:
             self._hit(ctx, "exact")
-            return None
-        if rule is None:
             return None
         key: str = ctx.state[_KEY]
         if rule.read:
@@ -203,6 +214,16 @@ class ExactCachePlugin(Plugin):
 
     def _decode(self, ctx: RequestContext, raw: bytes) -> ShortCircuit | None:
         """The answer for a stored entry (None if it is not JSON); sets `ctx.usage` to its usage."""
+        if not ctx.stream:
+            # A store that keeps entries in memory returns the very same bytes object for a hot
+            # entry: its usage is remembered instead of parsing the whole answer again.
+            memo = self._usage_memo.get(ctx.state.get(_KEY, ""))
+            if memo is not None and memo[0] is raw:
+                u = memo[1]
+                if u is not None:
+                    u = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+                ctx.usage = u
+                return ShortCircuit(body=raw)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -211,11 +232,19 @@ class ExactCachePlugin(Plugin):
         ctx.usage = Usage.from_openai(body.get("usage"))
         if ctx.stream:
             return ShortCircuit(stream=ReplayStream(stream_events(body, ctx.endpoint)))
+        key = ctx.state.get(_KEY)
+        if key is not None and len(raw) <= _USAGE_MEMO_ENTRY_MAX:
+            if len(self._usage_memo) >= _USAGE_MEMO_MAX:
+                self._usage_memo.clear()
+            u = ctx.usage
+            self._usage_memo[key] = (
+                raw, None if u is None else Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            )
         return ShortCircuit(body=raw)
 
     # ---- response -----------------------------------------------------------------------------
 
-    async def on_response(self, ctx: RequestContext) -> None:
+    def on_response(self, ctx: RequestContext) -> None:
         leader: asyncio.Future[bytes | None] | None = ctx.state.pop(_LEADER, None)
         value: bytes | None = None
         try:

@@ -6,10 +6,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from gateway.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
+from gateway.loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopGauge, LoopHistogram
 from gateway.pipeline import Plugin, RequestContext
 from gateway.pipeline.plugin import Handler
 
+_Bundle = tuple[HistogramChild, HistogramChild, CounterChild, CounterChild, CounterChild]
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -52,32 +53,47 @@ class MetricsPlugin(Plugin):
         )
         self.in_flight = LoopGauge("tollway_requests_in_flight", "Requests being served now", (), r)
         self._in_flight = self.in_flight.labels()
+        self._bundles: dict[tuple[str, str], _Bundle] = {}
 
-    async def on_headers(self, ctx: RequestContext) -> None:
+    def on_headers(self, ctx: RequestContext) -> None:
         self._in_flight.value += 1
         ctx.state["metrics.counted"] = True
 
-    async def on_response(self, ctx: RequestContext) -> None:
+    def on_response(self, ctx: RequestContext) -> None:
         if ctx.state.pop("metrics.counted", False):
             self._in_flight.value -= 1
         model = ctx.public_model or "unknown"
         ep = ctx.endpoint
+        b = self._bundles.get((ep, model))
+        if b is None:
+            b = self._bundle(ep, model)
         self.requests.labels(ep, model, str(ctx.status)).value += 1
-        self.duration.labels(ep, model).observe(ctx.elapsed())
+        b[0].observe(ctx.elapsed())
         if ctx.deployment is not None and ctx.upstream_s:
             self.upstream.labels(ctx.provider or "", ctx.deployment).observe(ctx.upstream_s)
         if ctx.overhead_s is not None:
-            self.overhead.labels(ep).observe(ctx.overhead_s)
+            b[1].observe(ctx.overhead_s)
         if ctx.ttfb_s is not None:
             self.ttfb.labels(model).observe(ctx.ttfb_s)
         u = ctx.usage
         if u is not None:
             if u.prompt_tokens:
-                self.tokens.labels(model, "prompt").value += u.prompt_tokens
+                b[2].value += u.prompt_tokens
             if u.completion_tokens:
-                self.tokens.labels(model, "completion").value += u.completion_tokens
+                b[3].value += u.completion_tokens
             if u.cached_tokens:
-                self.tokens.labels(model, "cached").value += u.cached_tokens
+                b[4].value += u.cached_tokens
+
+    def _bundle(self, ep: str, model: str) -> _Bundle:
+        """The children one (endpoint, model) updates on every request, looked up once."""
+        b = (
+            self.duration.labels(ep, model), self.overhead.labels(ep),
+            self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"),
+            self.tokens.labels(model, "cached"),
+        )
+        if len(self._bundles) < 10_000:
+            self._bundles[(ep, model)] = b
+        return b
 
     async def _serve(self, request: web.Request) -> web.Response:
         return web.Response(

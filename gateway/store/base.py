@@ -348,6 +348,11 @@ class Store(Protocol):
         request whose exact lookup missed) a semantic hit when the entry is live, which turns that
         exact miss into a hit in `cache_stats`, and nothing when it is gone (the miss stays a miss)."""
 
+    async def cache_count(self, team: str, hit: bool) -> None:
+        """Count one exact lookup of an admitted request for `team` in `cache_stats`: a hit or a
+        miss (what `cache_get(key, team)` counts, for a lookup made with `cache_get(key)` before
+        the request was admitted)."""
+
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
         """Store (or replace) `key` for `ttl_s` seconds, indexed under `team` (the partition) and
         `model` for purge and stats. Embedded: bounded in size, oldest entries evicted first."""

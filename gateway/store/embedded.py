@@ -64,7 +64,7 @@ _KEEP_OLD_PERIODS_S = 2 * DAY_S
 _HOUSEKEEPING_S = 60.0
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class _Lease:
     amount: int
     expiry: float
@@ -256,32 +256,35 @@ class EmbeddedStore:
             return AdmitResult("model_not_allowed", key, team, scope="key")
         if team.allowed_models is not None and a.model not in team.allowed_models:
             return AdmitResult("model_not_allowed", key, team, scope="team")
-        ks = self._scope("key:" + kid)
-        ts = self._scope("team:" + team.id)
+        kname, tname = "key:" + kid, "team:" + team.id
+        ks = self._scopes.get(kname) or self._scope(kname)
+        ts = self._scopes.get(tname) or self._scope(tname)
         w = window_index(now)
         # Rate limits: gather every limited window first, then refuse on the first that is full.
-        counted: list[tuple[dict[int, int], int, int]] = []
+        counted: list[tuple[dict[int, int], int]] = []
         req_slots: list[Slot] = []
         tok_slots: list[Slot] = []
         if a.check_rate:
             frac = 1 - (now - w * 60) / 60
+            est = a.est_tokens
+            wp = w - 1
             refusal: tuple[ScopeKind, str, int, int, int, int] | None = None
             scope_kind: ScopeKind
-            for scope_kind, rec, st in (("key", key, ks), ("team", team, ts)):
-                if rec.rpm is not None:
+            for scope_kind, rpm, tpm, st in (("key", key.rpm, key.tpm, ks), ("team", team.rpm, team.tpm, ts)):
+                if rpm is not None:
                     win = st.requests
-                    prev, cur = win.get(w - 1, 0), win.get(w, 0)
-                    req_slots.append((rec.rpm, prev, cur))
-                    counted.append((win, cur, 1))
-                    if refusal is None and prev * frac + cur + 1 > rec.rpm:
-                        refusal = (scope_kind, "requests", prev, cur, 1, rec.rpm)
-                if rec.tpm is not None:
+                    prev, cur = win.get(wp, 0), win.get(w, 0)
+                    req_slots.append((rpm, prev, cur))
+                    counted.append((win, cur + 1))
+                    if refusal is None and prev * frac + cur + 1 > rpm:
+                        refusal = (scope_kind, "requests", prev, cur, 1, rpm)
+                if tpm is not None:
                     win = st.tokens
-                    prev, cur = win.get(w - 1, 0), win.get(w, 0)
-                    tok_slots.append((rec.tpm, prev, cur))
-                    counted.append((win, cur, a.est_tokens))
-                    if refusal is None and prev * frac + cur + a.est_tokens > rec.tpm:
-                        refusal = (scope_kind, "tokens", prev, cur, a.est_tokens, rec.tpm)
+                    prev, cur = win.get(wp, 0), win.get(w, 0)
+                    tok_slots.append((tpm, prev, cur))
+                    counted.append((win, cur + est))
+                    if refusal is None and prev * frac + cur + est > tpm:
+                        refusal = (scope_kind, "tokens", prev, cur, est, tpm)
             if refusal is not None:
                 sk, kind, prev, cur, need, limit = refusal
                 return AdmitResult(
@@ -291,12 +294,14 @@ class EmbeddedStore:
                     requests=rate_info(req_slots, now), tokens=rate_info(tok_slots, now),
                 )
         # Budgets: spent in the current period + live reservations + this one <= limit.
-        ks.drop_expired(now)
-        ts.drop_expired(now)
+        if ks.heap and ks.heap[0][0] <= now:
+            ks.drop_expired(now)
+        if ts.heap and ts.heap[0][0] <= now:
+            ts.drop_expired(now)
         pids = period_ids(now)
         if a.check_budget:
             for scope_kind, budget, st, name in (
-                ("key", key.budget, ks, "key:" + kid), ("team", team.budget, ts, "team:" + team.id)
+                ("key", key.budget, ks, kname), ("team", team.budget, ts, tname)
             ):
                 if budget is None:
                     continue
@@ -309,11 +314,14 @@ class EmbeddedStore:
                     )
         # Admitted: count the hits and hold the lease against both scopes (or, for a known
         # cost, spend it now).
-        for win, cur, need in counted:
-            _count(win, w, cur + need)
+        for win, value in counted:
+            if w not in win:
+                _count(win, w, value)
+            else:
+                win[w] = value
         if a.charge:
             if a.reserve_nano:
-                for name in ("key:" + kid, "team:" + team.id):
+                for name in (kname, tname):
                     for pid in (pids["daily"], pids["weekly"], pids["monthly"], TOTAL_PID):
                         self._add_spend(name, pid, a.reserve_nano)
         else:
@@ -326,10 +334,11 @@ class EmbeddedStore:
                     st.reserved += lease.amount
         if not counted:
             return AdmitResult("ok", key, team)
+        est = a.est_tokens
         return AdmitResult(
             "ok", key, team,
-            requests=rate_info([(lim, p, c + 1) for lim, p, c in req_slots], now),
-            tokens=rate_info([(lim, p, c + a.est_tokens) for lim, p, c in tok_slots], now),
+            requests=rate_info([(lim, p, c + 1) for lim, p, c in req_slots], now) if req_slots else None,
+            tokens=rate_info([(lim, p, c + est) for lim, p, c in tok_slots], now) if tok_slots else None,
         )
 
     async def settle(self, s: Settlement) -> None:
@@ -495,6 +504,12 @@ class EmbeddedStore:
             elif e is not None:
                 counts[2] += 1
         return None if e is None else e.value
+
+    async def cache_count(self, team: str, hit: bool) -> None:
+        counts = self._cache_counts.get(team)
+        if counts is None:
+            counts = self._cache_counts[team] = [0, 0, 0]  # exact hits, misses, semantic hits
+        counts[0 if hit else 1] += 1
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
         self._cache_drop(key)

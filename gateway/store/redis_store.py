@@ -485,6 +485,10 @@ class RedisStore:
                     await pipe.execute()
             return None if value is None else bytes(value)
 
+    async def cache_count(self, team: str, hit: bool) -> None:
+        with _unavailable:
+            await self._redis().hincrby(self._p + "cn:" + team, "h" if hit else "m", 1)
+
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
         index = self._p + "ci:" + team + _SEP + model
         with _unavailable:

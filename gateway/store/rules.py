@@ -71,14 +71,19 @@ def _reset_s(prev: int, cur: int, now: float) -> float:
 
 
 def rate_info(slots: Iterable[Slot], now: float) -> RateInfo | None:
-    """The tightest of several limits of one kind: least remaining, then the smallest limit."""
-    w = window_index(now)
-    frac = window_frac(now, w)
+    """The tightest of several limits of one kind: least remaining, then the smallest limit.
+
+    The same arithmetic as `window_frac` and `_reset_s`, inlined (it runs twice per request)."""
+    elapsed = now - math.floor(now / WINDOW_S) * WINDOW_S
+    frac = 1 - elapsed / WINDOW_S
     best: RateInfo | None = None
     for limit, prev, cur in slots:
-        remaining = max(0, math.floor(limit - (prev * frac + cur)))
-        if best is None or (remaining, limit) < (best.remaining, best.limit):
-            best = RateInfo(limit=limit, remaining=remaining, reset_s=_reset_s(prev, cur, now))
+        remaining = math.floor(limit - (prev * frac + cur))
+        if remaining < 0:
+            remaining = 0
+        if best is None or remaining < best.remaining or (remaining == best.remaining and limit < best.limit):
+            reset = 2 * WINDOW_S - elapsed if cur > 0 else (WINDOW_S - elapsed if prev > 0 else 0.0)
+            best = RateInfo(limit, remaining, reset)
     return best
 
 

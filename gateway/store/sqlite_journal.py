@@ -8,6 +8,7 @@ overwrites what an earlier run of the process wrote.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,14 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, expires_at REAL);
 """
+
+_LEDGER_INSERT = (
+    "INSERT INTO ledger (ts, day, request_id, team_id, key_id, model, provider, prompt_tokens,"
+    " completion_tokens, cached_tokens, cost_nano, cache, latency_ms, status) VALUES "
+)
+_LEDGER_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_LEDGER_ROWS_PER_INSERT = 256
+"""256 rows x 14 columns stays far below SQLite's limit of 32766 parameters per statement."""
 
 Loaded = tuple[list[TeamRecord], list[KeyRecord], dict[tuple[str, str], int], dict[str, float | None]]
 
@@ -120,17 +129,20 @@ class SqliteJournal:
                 " ON CONFLICT (scope, pid) DO UPDATE SET nano = nano + excluded.nano",
                 [(scope, pid, pid[0], int(pid[1:]), nano) for (scope, pid), nano in spend.items()],
             )
-            conn.executemany(
-                "INSERT INTO ledger (ts, day, request_id, team_id, key_id, model, provider,"
-                " prompt_tokens, completion_tokens, cached_tokens, cost_nano, cache, latency_ms, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (r.ts, day_str(r.ts), r.request_id, r.team_id, r.key_id, r.model, r.provider,
-                     r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cost_nano, r.cache,
-                     r.latency_ms, r.status)
-                    for r in ledger
-                ],
-            )
+            rows = [
+                (r.ts, day_str(r.ts), r.request_id, r.team_id, r.key_id, r.model, r.provider,
+                 r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cost_nano, r.cache,
+                 r.latency_ms, r.status)
+                for r in ledger
+            ]
+            # Many rows per statement: sqlite3 releases and retakes the GIL around every step, so
+            # one step per row would hand the GIL back and forth with the event loop per record.
+            for i in range(0, len(rows), _LEDGER_ROWS_PER_INSERT):
+                chunk = rows[i : i + _LEDGER_ROWS_PER_INSERT]
+                conn.execute(
+                    _LEDGER_INSERT + ",".join([_LEDGER_ROW] * len(chunk)),
+                    list(itertools.chain.from_iterable(chunk)),
+                )
 
     def query_spend(self, lo: float, hi: float, team_id: str | None) -> list[RawSpend]:
         sql = (

@@ -26,6 +26,7 @@ from gateway.store.base import (
     Period,
     RateInfo,
     Scope,
+    ScopeKind,
     Settlement,
     SpendRecord,
     Store,
@@ -64,11 +65,12 @@ def adm(
     ttl: float = 600.0,
     check_rate: bool = True,
     check_budget: bool = True,
+    charge: bool = False,
 ) -> Admission:
     return Admission(
         key_hash=key_hash, now=now, model=model, est_tokens=est, reserve_nano=reserve,
         lease_id=lease or uuid.uuid4().hex, lease_ttl_s=ttl, check_rate=check_rate,
-        check_budget=check_budget,
+        check_budget=check_budget, charge=charge,
     )
 
 
@@ -493,6 +495,142 @@ async def test_concurrent_admits_from_two_replicas(open_store: OpenStore) -> Non
     assert {r.scope for r in results if r.status != "ok"} == {"team"}
     r = await b.admit(adm(T0, reserve=0))
     assert r.requests is not None and r.requests.remaining == 1000 - 51
+
+
+# ---- charge: a known cost (a cache hit) spent at admission, no lease ---------------------------
+
+PERIODS: tuple[Period, ...] = ("daily", "weekly", "monthly", "total")
+
+
+async def by_period(store: Store, kind: ScopeKind, id: str, now: float) -> dict[str, tuple[int, int]]:
+    """(spent, reserved) of one scope in each budget period at `now`, and ("all") without a budget."""
+    out: dict[str, tuple[int, int]] = {}
+    for period in PERIODS:
+        s = await store.budget(Scope(kind, id, budget=BudgetSpec(10**15, period)), now)
+        out[period] = (s.spent_nano, s.reserved_nano)
+    s = await store.budget(Scope(kind, id), now)
+    out["all"] = (s.spent_nano, s.reserved_nano)
+    return out
+
+
+def every_period(spent: int, reserved: int = 0) -> dict[str, tuple[int, int]]:
+    return {p: (spent, reserved) for p in (*PERIODS, "all")}
+
+
+async def test_charge_spends_at_once_on_key_and_team_without_a_lease(store: Store) -> None:
+    await seed(store, team(budget=BudgetSpec(10_000, "monthly")), key(budget=BudgetSpec(1000, "daily")))
+    now = T0 + 3600
+    r = await store.admit(adm(now, est=40, reserve=250, lease="C1", ttl=30, charge=True))
+    assert r.status == "ok" and r.key is not None and r.team is not None
+    # spent right away, in every period of both scopes; nothing reserved, nothing left to settle
+    assert await by_period(store, "key", "k1", now) == every_period(250)
+    assert await by_period(store, "team", "t1", now) == every_period(250)
+    # no lease was held: its ttl passing frees nothing, a settle of its id (cost 0) undoes nothing
+    await store.settle(settlement("C1", now + 1, 0, est_tokens=40, actual_tokens=40))
+    assert await by_period(store, "key", "k1", now + 31) == every_period(250)
+    assert await by_period(store, "team", "t1", now + 31) == every_period(250)
+    # the charge is spend: the key's daily budget has 750 left
+    r = await store.admit(adm(now + 40, reserve=751, charge=True))
+    assert (r.status, r.scope) == ("over_budget", "key")
+    assert (await store.admit(adm(now + 40, reserve=750, charge=True))).status == "ok"
+    assert await by_period(store, "key", "k1", now + 40) == every_period(1000)
+    assert (await store.admit(adm(now + 40, reserve=1, charge=True))).status == "over_budget"
+    # spent in the periods of the admission: the next day starts at 0, the week and month keep it
+    tomorrow = await by_period(store, "key", "k1", T0 + DAY)
+    assert tomorrow == {**every_period(1000), "daily": (0, 0)}
+    assert (await store.budget(Scope("team", "t1", budget=BudgetSpec(10_000, "monthly")), T0 + DAY)
+            ).spent_nano == 1000
+    assert (await store.admit(adm(T0 + DAY, reserve=1000, charge=True))).status == "ok"
+
+
+async def test_charge_counts_live_reservations_against_the_budget(store: Store) -> None:
+    spec = BudgetSpec(100, "daily")
+    await seed(store, team(), key(budget=spec))
+    scope = Scope("key", "k1", budget=spec)
+    assert (await store.admit(adm(T0, reserve=60, lease="L1"))).status == "ok"
+    r = await store.admit(adm(T0, reserve=41, charge=True))  # 0 spent + 60 reserved + 41 > 100
+    assert (r.status, r.scope) == ("over_budget", "key")
+    assert (await store.admit(adm(T0, reserve=40, charge=True))).status == "ok"
+    s = await store.budget(scope, T0)
+    assert (s.spent_nano, s.reserved_nano) == (40, 60)
+    await store.settle(settlement("L1", T0 + 1, 50))
+    s = await store.budget(scope, T0 + 1)
+    assert (s.spent_nano, s.reserved_nano) == (90, 0)
+    assert (await store.admit(adm(T0 + 1, reserve=11, charge=True))).status == "over_budget"
+    assert (await store.admit(adm(T0 + 1, reserve=10, charge=True))).status == "ok"
+    assert await by_period(store, "team", "t1", T0 + 1) == every_period(100)
+
+
+async def test_charge_of_zero_spends_nothing_but_counts_requests_and_tokens(store: Store) -> None:
+    spec = BudgetSpec(100, "daily")
+    await seed(store, team(rpm=10, tpm=1000, budget=spec), key(rpm=3, tpm=100, budget=spec), key("k2"))
+    now = T0 + 10
+    r = await store.admit(adm(now, est=60, reserve=0, lease="Z1", charge=True))
+    assert r.status == "ok"
+    assert r.requests == RateInfo(limit=3, remaining=2, reset_s=110.0)
+    assert r.tokens == RateInfo(limit=100, remaining=40, reset_s=110.0)  # est_tokens are counted
+    r = await store.admit(adm(now, est=41, charge=True))
+    assert (r.status, r.scope, r.limit_kind) == ("rate_limited", "key", "tokens")
+    r = await store.admit(adm(now, est=40, charge=True))
+    assert r.status == "ok" and r.tokens is not None and r.tokens.remaining == 0
+    assert r.requests is not None and r.requests.remaining == 1
+    assert (await store.admit(adm(now, est=0, charge=True))).status == "ok"
+    r = await store.admit(adm(now, est=0, charge=True))
+    assert (r.status, r.scope, r.limit_kind) == ("rate_limited", "key", "requests")
+    # the team's windows counted the same 3 requests and 100 tokens
+    r = await store.admit(adm(now, "hash-k2", est=0))
+    assert r.status == "ok"
+    assert r.requests == RateInfo(limit=10, remaining=6, reset_s=110.0)
+    assert r.tokens == RateInfo(limit=1000, remaining=900, reset_s=110.0)
+    # nothing spent, nothing reserved
+    assert await by_period(store, "key", "k1", now) == every_period(0)
+    assert (await store.budget(Scope("team", "t1", budget=spec), now)).spent_nano == 0
+
+
+async def test_charge_over_the_remaining_budget_is_refused_and_counts_nothing(store: Store) -> None:
+    key_spec, team_spec = BudgetSpec(100, "daily"), BudgetSpec(1000, "weekly")
+    await seed(store, team(rpm=5, tpm=500, budget=team_spec),
+               key("k1", rpm=3, tpm=100, budget=key_spec), key("k2"))
+    now = T0 + 10
+    assert (await store.admit(adm(now, est=30, reserve=60, charge=True))).status == "ok"
+    for _ in range(3):
+        r = await store.admit(adm(now, est=30, reserve=41, charge=True))
+        assert (r.status, r.scope) == ("over_budget", "key")
+        assert r.budget_reset_at == T0 + DAY
+    r = await store.admit(adm(now, "hash-k2", est=30, reserve=941, charge=True))
+    assert (r.status, r.scope, r.budget_reset_at) == ("over_budget", "team", T0 + 7 * DAY)
+    # the refused charges spent nothing and hold nothing
+    assert await by_period(store, "key", "k1", now) == every_period(60)
+    assert await by_period(store, "key", "k2", now) == every_period(0)
+    assert await by_period(store, "team", "t1", now) == every_period(60)
+    # and counted nothing: the key's windows hold 1 request and 30 tokens, the team's 1 and 30
+    # (with the 4 refusals counted the team's 5 requests a minute would refuse this)
+    r = await store.admit(adm(now, est=70, reserve=40, charge=True))
+    assert r.status == "ok"
+    assert r.requests == RateInfo(limit=3, remaining=1, reset_s=110.0)
+    assert r.tokens == RateInfo(limit=100, remaining=0, reset_s=110.0)
+    assert (await store.admit(adm(now, "hash-k2", est=0, reserve=900, charge=True))).status == "ok"
+    r = await store.admit(adm(now, "hash-k2", est=0))
+    assert r.requests == RateInfo(limit=5, remaining=1, reset_s=110.0)
+    assert await by_period(store, "key", "k1", now) == every_period(100)
+    assert (await store.budget(Scope("team", "t1", budget=team_spec), now)).spent_nano == 1000
+
+
+async def test_charge_refused_by_a_rate_limit_spends_nothing(store: Store) -> None:
+    await seed(store, team(tpm=1000, budget=BudgetSpec(10_000, "daily")),
+               key("k1", rpm=1, budget=BudgetSpec(1000, "daily")), key("k2"))
+    assert (await store.admit(adm(T0, est=10, reserve=100, charge=True))).status == "ok"
+    for _ in range(3):
+        r = await store.admit(adm(T0, est=10, reserve=100, charge=True))
+        assert (r.status, r.scope, r.limit_kind) == ("rate_limited", "key", "requests")
+        assert r.retry_after_s is not None and r.retry_after_s > 0
+    r = await store.admit(adm(T0, "hash-k2", est=991, reserve=100, charge=True))  # 10 + 991 > 1000
+    assert (r.status, r.scope, r.limit_kind) == ("rate_limited", "team", "tokens")
+    assert await by_period(store, "key", "k1", T0) == every_period(100)
+    assert await by_period(store, "key", "k2", T0) == every_period(0)
+    assert await by_period(store, "team", "t1", T0) == every_period(100)
+    assert (await store.admit(adm(T0, "hash-k2", est=990, reserve=5, charge=True))).status == "ok"
+    assert await by_period(store, "team", "t1", T0) == every_period(105)
 
 
 # ---- routing: named limiters (rate_hit / rate_adjust) ------------------------------------------
