@@ -371,7 +371,10 @@ class AccessPlugin(Plugin):
             self._teams[res.team.id] = res.team
         headers = _rate_headers(res.requests, res.tokens)
         if headers:
-            ctx.response_headers = headers
+            if ctx.response_headers is None:
+                ctx.response_headers = headers
+            else:  # e.g. x-tollway-cache, set by a lookup before admission
+                ctx.response_headers.update(headers)
         if status == "ok":
             return
         scope = res.scope or "key"
