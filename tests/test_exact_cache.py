@@ -4,6 +4,7 @@ limits and budgets on hits, the ledger, coalescing, and the admin API."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
@@ -763,3 +764,161 @@ async def test_hits_count_their_real_tokens_against_tpm(
     assert metric_value(m, "tollway_cache_hits_total", kind="exact") == 3 + 2
     assert metric_value(m, "tollway_access_rejections_total", reason="rate_limited", scope="key") == 2
     assert chat_calls(fake) == 1
+
+
+# ---- rate-limit headers and cache stats, with the lookup before admission -----------------------
+
+RATE_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}"
+    for kind in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
+
+
+def assert_rate_headers(headers: Any, rpm: int, tpm: int) -> None:
+    """All six x-ratelimit-* headers, with the key's limits."""
+    missing = [h for h in RATE_HEADERS if h not in headers]
+    assert not missing, (missing, dict(headers))
+    assert headers["x-ratelimit-limit-requests"] == str(rpm)
+    assert headers["x-ratelimit-limit-tokens"] == str(tpm)
+    assert 0 <= int(headers["x-ratelimit-remaining-requests"]) < rpm
+    assert 0 <= int(headers["x-ratelimit-remaining-tokens"]) < tpm
+    for kind in ("requests", "tokens"):
+        assert re.fullmatch(r"(\d+m)?\d+m?s", headers[f"x-ratelimit-reset-{kind}"]), dict(headers)
+
+
+async def test_rate_limit_headers_keep_the_cache_header(
+    fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession, store_config: dict[str, Any]
+) -> None:
+    """The exact cache sets x-tollway-cache before admission; the access plugin's x-ratelimit-*
+    headers are added to it, not in its place (bypass, miss and hit alike)."""
+    async with running_gateway(gateway_config(fake.base_url, **store_config)) as url:
+        admin = AdminClient(http, url, keys.admin)
+        await admin.create_team(id="hdr", name="hdr")
+        k = await admin.create_key(team_id="hdr", rpm=10, tpm=100_000)
+        sampled = {"model": "gpt-test", "messages": MSGS, "temperature": 0.7}
+        cacheable = {"model": "gpt-test", "messages": MSGS, "temperature": 0}
+
+        status, headers, _ = await post_chat(http, url, k["key"], sampled)
+        assert (status, headers.get("x-tollway-cache")) == (200, "bypass")
+        assert_rate_headers(headers, 10, 100_000)
+
+        status, headers, first = await post_chat(http, url, k["key"], cacheable)
+        assert (status, headers.get("x-tollway-cache")) == (200, "miss")
+        assert_rate_headers(headers, 10, 100_000)
+        await stored(admin, "hdr", 1)  # the next one is found before admission
+
+        status, headers, second = await post_chat(http, url, k["key"], cacheable)
+        assert (status, headers.get("x-tollway-cache")) == (200, "hit-exact")
+        assert second == first
+        assert_rate_headers(headers, 10, 100_000)
+        # the same headers, streamed (the replay's response headers)
+        async with http.post(
+            url + CHAT, json={**cacheable, "stream": True}, headers={"Authorization": f"Bearer {k['key']}"}
+        ) as r:
+            assert (r.status, r.headers.get("x-tollway-cache")) == (200, "hit-exact")
+            assert_rate_headers(r.headers, 10, 100_000)
+            assert sse_data_lines(await r.read())[-1] == b"[DONE]"
+    assert chat_calls(fake) == 2  # the bypass and the miss
+
+
+async def team_cache_stats(admin: AdminClient, team: str) -> dict[str, int]:
+    stats = await admin.ok("GET", f"/admin/cache/stats?team_id={team}")
+    out: dict[str, int] = stats["teams"][team]
+    return out
+
+
+def lookups(stats: dict[str, int]) -> tuple[int, int, int, int]:
+    """(hits, exact_hits, misses, semantic_hits) of one team's /admin/cache/stats."""
+    return stats["hits"], stats["exact_hits"], stats["misses"], stats["semantic_hits"]
+
+
+async def test_cache_stats_count_only_admitted_lookups(
+    fake: FakeUpstream, keys: TestKeys, http: aiohttp.ClientSession, store_config: dict[str, Any]
+) -> None:
+    """A lookup made before admission is counted in /admin/cache/stats only if the request was
+    admitted: requests refused by the RPM limit, a revoked key or a model the key may not use
+    found the entry, but count neither as hits nor as misses."""
+    body = {"model": "gpt-test", "messages": MSGS, "temperature": 0}
+    async with running_gateway(gateway_config(fake.base_url, **store_config)) as url:
+        admin = AdminClient(http, url, keys.admin)
+        await admin.create_team(id="cstats", name="cstats")
+        limited = await admin.create_key(team_id="cstats", name="two a minute", rpm=2)
+        other_model = await admin.create_key(team_id="cstats", allowed_models=["mock-chat"])
+        doomed = await admin.create_key(team_id="cstats", name="doomed")
+
+        status, headers, answer = await post_chat(http, url, limited["key"], body)
+        assert (status, headers["x-tollway-cache"]) == (200, "miss")
+        await stored(admin, "cstats", 1)
+        status, headers, data = await post_chat(http, url, limited["key"], body)
+        assert (status, headers["x-tollway-cache"], data) == (200, "hit-exact", answer)
+        for _ in range(2):
+            status, headers, err = await post_chat(http, url, limited["key"], body)
+            assert (status, err["error"]["code"]) == (429, "rate_limit_exceeded")
+            assert headers.get("x-tollway-cache") != "hit-exact" and "choices" not in err
+        st = await team_cache_stats(admin, "cstats")
+        assert lookups(st) == (1, 1, 1, 0), st
+        assert st["entries"] == 1
+
+        # a key the gateway has seen (so its lookup runs), then revoked; a key not allowed the model
+        status, headers, data = await post_chat(http, url, doomed["key"], body)
+        assert (status, headers["x-tollway-cache"], data) == (200, "hit-exact", answer)
+        assert lookups(await team_cache_stats(admin, "cstats")) == (2, 2, 1, 0)
+        await admin.ok("POST", f"/admin/keys/{doomed['id']}/revoke")
+        status, _, err = await post_chat(http, url, doomed["key"], body)
+        assert (status, err["error"]["code"]) == (401, "revoked_api_key")
+        status, _, err = await post_chat(http, url, other_model["key"], body)
+        assert (status, err["error"]["code"]) == (403, "model_not_allowed")
+        st = await team_cache_stats(admin, "cstats")
+        assert lookups(st) == (2, 2, 1, 0), st
+
+        # the metrics agree: 2 exact hits, 1 miss
+        m = await metrics_text(http, url)
+        assert metric_value(m, "tollway_cache_hits_total", kind="exact") == 2
+        assert metric_value(m, "tollway_cache_misses_total", kind="exact") == 1
+    assert chat_calls(fake) == 1
+
+
+# ---- the model's default output cap is part of the key ------------------------------------------
+
+
+async def test_no_max_tokens_shares_the_entry_of_the_default_cap(
+    start_gateway: StartGateway, fake: FakeUpstream, keys: TestKeys
+) -> None:
+    """Without max_tokens the gateway sends the model's max_output_tokens upstream: the answer is
+    the one for max_tokens = that cap, and only for that cap."""
+    url = await start_gateway(models={"gpt-test": {"max_output_tokens": 321}})
+    fake.enqueue(Behaviour(content="capped by default"), Behaviour(content="capped at 100"))
+    assert (await ask(url, keys.team_a))[:2] == ("miss", "capped by default")
+    assert fake.requests[-1].body["max_tokens"] == 321  # what the gateway sent for "no cap"
+    assert (await ask(url, keys.team_a, max_tokens=321))[:2] == ("hit-exact", "capped by default")
+    assert (await ask(url, keys.team_a, max_tokens=100))[:2] == ("miss", "capped at 100")
+    assert fake.requests[-1].body["max_tokens"] == 100
+    assert (await ask(url, keys.team_a))[:2] == ("hit-exact", "capped by default")
+    assert (await ask(url, keys.team_a, max_tokens=100))[:2] == ("hit-exact", "capped at 100")
+    assert chat_calls(fake) == 2
+
+
+async def test_a_changed_default_cap_does_not_serve_answers_cut_at_the_old_one(
+    fake: FakeUpstream, keys: TestKeys
+) -> None:
+    """Two gateways sharing one store (Redis) with different max_output_tokens: an answer stored
+    for "no max_tokens" under one cap is not served for "no max_tokens" under the other."""
+    from gateway.testing.redis_server import RedisServer
+
+    async with RedisServer() as srv:
+        store = {"store": {"backend": "redis", "url": srv.url, "prefix": "cap-test:"}}
+        small = gateway_config(fake.base_url, models={"gpt-test": {"max_output_tokens": 16}}, **store)
+        large = gateway_config(fake.base_url, models={"gpt-test": {"max_output_tokens": 4096}}, **store)
+        fake.enqueue(Behaviour(content="cut at 16"), Behaviour(content="up to 4096"))
+        async with (
+            running_gateway(small) as one,
+            running_gateway(large) as two,
+            aiohttp.ClientSession() as http,
+        ):
+            assert (await ask(one, keys.team_a))[:2] == ("miss", "cut at 16")
+            await stored(AdminClient(http, one, keys.admin), "team-a", 1)
+            assert (await ask(two, keys.team_a))[:2] == ("miss", "up to 4096")
+            assert (await ask(two, keys.team_a, max_tokens=16))[:2] == ("hit-exact", "cut at 16")
+            assert (await ask(one, keys.team_a, max_tokens=4096))[:2] == ("hit-exact", "up to 4096")
+    assert [r.body["max_tokens"] for r in fake.requests] == [16, 4096]

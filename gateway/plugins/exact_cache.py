@@ -95,6 +95,7 @@ class ExactCachePlugin(Plugin):
         self.cache = settings.cache
         self.store = store
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._open = settings.auth.mode == "none"
         self._usage_memo: dict[str, tuple[bytes, Usage | None]] = {}
         """Cache key -> (the entry's bytes object, its usage): see _decode."""
         self._writes: set[asyncio.Task[None]] = set()
@@ -143,7 +144,10 @@ class ExactCachePlugin(Plugin):
             return None
         team = ctx.principal.team if ctx.principal is not None else "default"
         partition = SHARED_PARTITION if self.cache.shared_partition else team
-        key = cache_key(partition, model, ctx.endpoint, body, self.settings.models[model].max_output_tokens)
+        # The default output cap is part of the question when the gateway sends it (access does,
+        # for a request without one, unless auth is off).
+        cap = None if self._open else self.settings.models[model].max_output_tokens
+        key = cache_key(partition, model, ctx.endpoint, body, cap)
         ctx.state[_KEY] = key
         ctx.state[_RULE] = rule
         if rule.read:
@@ -164,22 +168,17 @@ class ExactCachePlugin(Plugin):
         rule = ctx.state.get(_RULE)
         if rule is None:
             return None
-        team = ctx.principal.team if ctx.principal is not None else "default"
-        if rule.read:
-            try:
-                await self.store.cache_count(team, ctx.answer is not None)
-            except StoreUnavailable:
-                pass
         if ctx.answer is not None:
+            await self._count(ctx, True)
             self._hit(ctx, "exact")
             return None
         key: str = ctx.state[_KEY]
         if rule.read:
-            raw = await self._wait_for_leader(key)
-            if raw is not None:
-                sc = self._answer(ctx, raw)
-                if sc is not None:
-                    return sc
+            raw = await self._wait_for_leader(key)  # does not yield when none is in flight
+            sc = self._answer(ctx, raw) if raw is not None else None
+            if sc is not None:
+                await self._count(ctx, True)  # a coalesced waiter served is a hit
+                return sc
             self._miss_exact.inc()
         self._set_status(ctx, "miss")
         if rule.write:
@@ -187,10 +186,22 @@ class ExactCachePlugin(Plugin):
             ctx.state[CAPTURE] = _Capture(self.cache.max_entry_bytes * _RAW_FACTOR)
             wait = self.cache.coalesce_wait_s
             if wait > 0 and key not in self._inflight:
+                # Registered before anything below can yield: identical requests arriving
+                # meanwhile find this one in flight and wait for it.
                 fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
                 self._inflight[key] = fut
                 ctx.state[_LEADER] = fut
+        if rule.read:
+            await self._count(ctx, False)
         return None
+
+    async def _count(self, ctx: RequestContext, hit: bool) -> None:
+        """The exact lookup of an admitted request, in the store's per-team stats."""
+        team = ctx.principal.team if ctx.principal is not None else "default"
+        try:
+            await self.store.cache_count(team, hit)
+        except StoreUnavailable:
+            pass
 
     async def _wait_for_leader(self, key: str) -> bytes | None:
         fut = self._inflight.get(key)

@@ -41,9 +41,12 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def max_output_tokens(body: dict[str, Any]) -> int | None:
-    """The client's output cap (`max_completion_tokens`, else `max_tokens`), if it gave one."""
+    """The client's output cap (`max_completion_tokens`, else `max_tokens`), if it gave one.
+
+    0 is a cap: `/v1/completions` with `max_tokens: 0` (and `echo`) asks for the prompt's
+    logprobs without generating anything (chat requests are validated to ask for at least 1)."""
     for k in ("max_completion_tokens", "max_tokens"):
         v = body.get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             return v
     return None

@@ -111,3 +111,19 @@ async def test_semantic_hits_are_counted_apart_and_turn_the_miss_into_a_hit(stor
     # another team's counters are apart
     assert await store.cache_get("t1:chat:a", "t2", "semantic") == b"v"
     assert (await store.cache_stats("t2"))["t2"] == CacheStats(hits=1, semantic_hits=1)
+
+
+async def test_cache_count_counts_like_a_counted_get(store: Store) -> None:
+    """`cache_count` records an exact lookup made earlier with an uncounted `cache_get` (the
+    gateway looks up before admission and counts once the request was admitted)."""
+    await store.cache_put("t1:chat:k", b"v", 60, "t1", "m1")
+    assert await store.cache_get("t1:chat:k") == b"v"
+    await store.cache_count("t1", True)
+    await store.cache_count("t1", True)
+    await store.cache_count("t1", False)
+    await store.cache_count("t2", False)
+    # a semantic hit still turns one of those misses into a hit
+    assert await store.cache_get("t1:chat:k", "t1", "semantic") == b"v"
+    stats = await store.cache_stats()
+    assert stats["t1"] == CacheStats(entries=1, bytes=1, hits=3, misses=0, semantic_hits=1)
+    assert stats["t2"] == CacheStats(entries=0, bytes=0, hits=0, misses=1)
