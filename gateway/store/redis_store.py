@@ -118,6 +118,9 @@ class RedisStore:
         self._batch: tuple[str, list[tuple[Settlement | None, SpendRecord]]] | None = None
         """The batch being written; kept (same id) until Redis confirmed it, so a retry after a
         lost reply is recognised and not applied twice."""
+        self._counts: dict[tuple[str, str], int] = {}
+        """Cache-stats counts not written yet: (team, h | m | s) -> n. Written by the flusher
+        (every 50 ms, one pipeline) and before this replica reads the stats."""
         self._wake = asyncio.Event()
         self._stopping = False
         self._flusher: asyncio.Task[None] | None = None
@@ -189,8 +192,28 @@ class RedisStore:
         await self._drain_all()
 
     async def _drain_all(self) -> None:
+        await self._flush_counts()
         while self._queue or self._batch is not None:
             await self._flush_batch()
+
+    async def _flush_counts(self) -> None:
+        if not self._counts:
+            return
+        counts, self._counts = self._counts, {}
+        try:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                for (team, field), n in counts.items():
+                    pipe.hincrby(self._p + "cn:" + team, field, n)
+                with _unavailable:
+                    await pipe.execute()
+        except BaseException:
+            for k, n in counts.items():  # written again next time (a lost reply may count twice)
+                self._counts[k] = self._counts.get(k, 0) + n
+            raise
+
+    def _count(self, team: str, field: str) -> None:
+        k = (team, field)
+        self._counts[k] = self._counts.get(k, 0) + 1
 
     async def _flush_loop(self) -> None:
         while not self._stopping:
@@ -201,6 +224,7 @@ class RedisStore:
                 pass
             self._wake.clear()
             try:
+                await self._flush_counts()
                 while (self._queue or self._batch is not None) and not self._stopping:
                     await self._flush_batch()
             except StoreUnavailable as e:
@@ -463,31 +487,24 @@ class RedisStore:
     # ---- response cache ------------------------------------------------------------------------
     # Entries: `c:<key>` (SET PX). Index: the set `ci:<team>\x1f<model>` of keys, and the set
     # `cix` of those index names. Counters: the hash `cn:<team>` (h, m: exact hits and misses; s:
-    # semantic hits). Entries expire by
-    # themselves; index members of expired entries are pruned by stats and purge.
+    # semantic hits), written behind in one pipeline every 50 ms (and before this replica reads
+    # them), so a lookup costs one round trip; a crash loses at most the last 50 ms of counts.
+    # Entries expire by themselves; index members of expired entries are pruned by stats and purge.
 
     async def cache_get(
         self, key: str, team: str | None = None, kind: CacheKind = "exact"
     ) -> bytes | None:
         with _unavailable:
-            if team is None:
-                raw: Any = await self._redis().get(self._p + "c:" + key)
-                return None if raw is None else bytes(raw)
-            async with self._redis().pipeline(transaction=False) as pipe:
-                pipe.get(self._p + "c:" + key)
-                res = await pipe.execute()
-                value: Any = res[0]
-                if kind == "exact":
-                    pipe.hincrby(self._p + "cn:" + team, "h" if value is not None else "m", 1)
-                elif value is not None:
-                    pipe.hincrby(self._p + "cn:" + team, "s", 1)
-                if len(pipe):
-                    await pipe.execute()
-            return None if value is None else bytes(value)
+            raw: Any = await self._redis().get(self._p + "c:" + key)
+        if team is not None:  # counted write-behind (see _counts)
+            if kind == "exact":
+                self._count(team, "h" if raw is not None else "m")
+            elif raw is not None:
+                self._count(team, "s")
+        return None if raw is None else bytes(raw)
 
     async def cache_count(self, team: str, hit: bool) -> None:
-        with _unavailable:
-            await self._redis().hincrby(self._p + "cn:" + team, "h" if hit else "m", 1)
+        self._count(team, "h" if hit else "m")
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, team: str, model: str) -> None:
         index = self._p + "ci:" + team + _SEP + model
@@ -542,6 +559,7 @@ class RedisStore:
         return out, cursor
 
     async def cache_stats(self, team: str | None = None) -> dict[str, CacheStats]:
+        await self._flush_counts()  # this replica's counts not written yet
         r = self._redis()
         out: dict[str, CacheStats] = {}
         with _unavailable:

@@ -127,3 +127,25 @@ async def test_cache_count_counts_like_a_counted_get(store: Store) -> None:
     stats = await store.cache_stats()
     assert stats["t1"] == CacheStats(entries=1, bytes=1, hits=3, misses=0, semantic_hits=1)
     assert stats["t2"] == CacheStats(entries=0, bytes=0, hits=0, misses=1)
+
+
+async def test_counts_reach_the_other_replicas_on_redis(open_store: OpenStore, backend: str) -> None:
+    """Redis writes the counts behind (every 50 ms): another replica sees them soon, and a store
+    that closes writes the ones it still holds."""
+    if backend != "redis":
+        return  # embedded is one process
+    a = await open_store()
+    b = await open_store()
+    await a.cache_put("t1:chat:k", b"v", 60, "t1", "m1")
+    assert await a.cache_get("t1:chat:k", "t1") == b"v"
+    await a.cache_count("t1", False)
+    want = CacheStats(entries=1, bytes=1, hits=1, misses=1)
+    for _ in range(100):  # bounded: up to 5 s
+        if (await b.cache_stats("t1")).get("t1") == want:
+            break
+        await asyncio.sleep(0.05)
+    assert (await b.cache_stats("t1"))["t1"] == want
+    c = await open_store()
+    await c.cache_count("t1", True)
+    await c.close()
+    assert (await b.cache_stats("t1"))["t1"] == CacheStats(entries=1, bytes=1, hits=2, misses=1)
