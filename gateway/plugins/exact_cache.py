@@ -1,7 +1,8 @@
 """exact_cache plugin: answers repeated identical requests from the store, per team partition.
 
-Order: after `access`, so a hit has passed auth, rate limits and budget checks, and is billed
-(as `hit-exact`, at `budgets.cache_hit_cost_fraction` of its price) by access's on_response.
+Order: after `access`. Its on_lookup runs before every on_request (so access admits a hit at
+its known cost: `budgets.cache_hit_cost_fraction` of the stored usage's price, charged at once,
+on the ledger as `hit-exact`); its on_request runs after access admitted the request.
 
 - on_lookup (before admission): computes the key (gateway.cache.keys), reads the store and
   answers a hit with a ShortCircuit: the stored chat.completion / text_completion body, or, for

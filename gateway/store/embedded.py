@@ -257,8 +257,7 @@ class EmbeddedStore:
         if team.allowed_models is not None and a.model not in team.allowed_models:
             return AdmitResult("model_not_allowed", key, team, scope="team")
         kname, tname = "key:" + kid, "team:" + team.id
-        ks = self._scopes.get(kname) or self._scope(kname)
-        ts = self._scopes.get(tname) or self._scope(tname)
+        ks, ts = self._scope(kname), self._scope(tname)
         w = window_index(now)
         # Rate limits: gather every limited window first, then refuse on the first that is full.
         counted: list[tuple[dict[int, int], int]] = []
