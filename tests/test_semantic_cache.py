@@ -92,6 +92,21 @@ async def sem(start_gateway: StartGateway, http: aiohttp.ClientSession) -> str:
     return url
 
 
+async def test_the_loaded_model_is_frozen_out_of_full_collections(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    """The model (and the saved index) load after the gateway froze its start-up objects; once loaded
+    they are frozen too, so a full collection does not walk them (~430k objects for torch and
+    transformers: ~200 ms with the GIL held, on the event loop's thread)."""
+    import gc
+
+    url = await start_gateway(plugins=PLUGINS)
+    before = gc.get_freeze_count()
+    assert (await semantic_state(http, url))["embedder"] != "ready"  # still loading
+    await wait_ready(http, url)
+    assert gc.get_freeze_count() - before > 1000  # a model load leaves ~2k objects even when cached
+
+
 # ---- unit ----------------------------------------------------------------------------------------
 
 

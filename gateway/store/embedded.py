@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from gateway.store import codec
 from gateway.store.base import (
@@ -106,12 +106,13 @@ class _Limiter:
     tokens: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True, frozen=True)
-class _CacheEntry:
-    value: bytes
-    expiry: float
-    team: str
-    model: str
+_CacheEntry = tuple[bytes, float, str, str]
+"""(value, expiry, team, model): a plain tuple of atomic values, which the garbage collector stops
+tracking after one pass, so a full collection does not walk every cached answer."""
+_VALUE: Final = 0
+_EXPIRY: Final = 1
+_TEAM: Final = 2
+_MODEL: Final = 3
 
 
 def _count(win: dict[int, int], w: int, value: int) -> None:
@@ -485,13 +486,13 @@ class EmbeddedStore:
     def _cache_drop(self, key: str) -> None:
         e = self._cache.pop(key, None)
         if e is not None:
-            self._cache_bytes -= len(e.value)
+            self._cache_bytes -= len(e[_VALUE])
 
     async def cache_get(
         self, key: str, team: str | None = None, kind: CacheKind = "exact"
     ) -> bytes | None:
         e = self._cache.get(key)
-        if e is not None and e.expiry <= time.time():
+        if e is not None and e[_EXPIRY] <= time.time():
             self._cache_drop(key)
             e = None
         if e is not None:
@@ -502,7 +503,7 @@ class EmbeddedStore:
                 counts[0 if e is not None else 1] += 1
             elif e is not None:
                 counts[2] += 1
-        return None if e is None else e.value
+        return None if e is None else e[_VALUE]
 
     async def cache_count(self, team: str, hit: bool) -> None:
         counts = self._cache_counts.get(team)
@@ -514,7 +515,7 @@ class EmbeddedStore:
         self._cache_drop(key)
         if len(value) > self._cache_max_bytes:
             return
-        self._cache[key] = _CacheEntry(value, time.time() + ttl_s, team, model)
+        self._cache[key] = (value, time.time() + ttl_s, team, model)
         self._cache_bytes += len(value)
         while self._cache_bytes > self._cache_max_bytes:
             self._cache_drop(next(iter(self._cache)))
@@ -522,7 +523,7 @@ class EmbeddedStore:
     async def cache_purge(self, team: str | None = None, model: str | None = None) -> int:
         doomed = [
             k for k, e in self._cache.items()
-            if (team is None or e.team == team) and (model is None or e.model == model)
+            if (team is None or e[_TEAM] == team) and (model is None or e[_MODEL] == model)
         ]
         for k in doomed:
             self._cache_drop(k)
@@ -540,13 +541,13 @@ class EmbeddedStore:
         for t, (hits, misses, semantic_hits) in self._cache_counts.items():
             if team is None or t == team:
                 out[t] = CacheStats.from_counts(hits, misses, semantic_hits)
-        for k in [k for k, e in self._cache.items() if e.expiry <= now]:
+        for k in [k for k, e in self._cache.items() if e[_EXPIRY] <= now]:
             self._cache_drop(k)
         for e in self._cache.values():
-            if team is None or e.team == team:
-                st = out.setdefault(e.team, CacheStats())
+            if team is None or e[_TEAM] == team:
+                st = out.setdefault(e[_TEAM], CacheStats())
                 st.entries += 1
-                st.bytes += len(e.value)
+                st.bytes += len(e[_VALUE])
         return out
 
     # ---- background flush ----------------------------------------------------------------------
@@ -602,7 +603,7 @@ class EmbeddedStore:
         wall = time.time()
         for name in [n for n, until in self._breakers.items() if until <= wall]:
             del self._breakers[name]
-        for ck in [ck for ck, e in self._cache.items() if e.expiry <= wall]:
+        for ck in [ck for ck, e in self._cache.items() if e[_EXPIRY] <= wall]:
             self._cache_drop(ck)
 
     # ---- SQLite (runs on the store's own thread) -----------------------------------------------

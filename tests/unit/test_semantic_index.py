@@ -169,3 +169,23 @@ def test_add_batch_then_single_adds_and_replacements(rng: np.random.Generator) -
     assert idx.size("p", "m") == 101
     with pytest.raises(ValueError):
         idx.add_batch("p", "m", vecs[:2], ["dup", "dup"])
+
+
+def test_entries_leave_the_garbage_collector_alone(rng: np.random.Generator) -> None:
+    """Entries are tuples of atomic values, which the collector stops tracking after one pass: a
+    large index adds next to nothing to what every full collection walks (one tracked object per
+    entry made a full collection of a 100k-entry index take ~19 ms, on the event loop's thread)."""
+    import gc
+
+    idx = SemanticIndex()
+    idx.add("team-a", "m", unit(rng), "first")  # imports FAISS, creates the partition
+    n = 20_000
+    gc.collect()
+    before = len(gc.get_objects())
+    idx.add_batch("team-a", "m", unit(rng, n), [f"e{i}" for i in range(n)],
+                  [{"text": f"question {i}", "key": f"k{i}", "at": float(i)} for i in range(n)])
+    idx.add("team-a", "m", unit(rng), "one-more", {"text": "q", "key": "k", "at": 1.0}, ttl_s=60)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 500
+    hits, metas = idx.search_meta("team-a", "m", unit(rng), 3)
+    assert len(hits) == 3 and all(set(m) == {"text", "key", "at"} for m in metas)
