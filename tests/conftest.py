@@ -91,3 +91,16 @@ def processes() -> Iterator[Callable[..., GatewayProcess]]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
         yield s
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store_config(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """The `store` section of a gateway config: the default embedded store, or a real Redis server
+    started for the test."""
+    if request.param == "embedded":
+        yield {}
+        return
+    from gateway.testing.redis_server import RedisServer
+
+    async with RedisServer() as srv:
+        yield {"store": {"backend": "redis", "url": srv.url, "prefix": "test:"}}

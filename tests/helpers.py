@@ -183,3 +183,18 @@ class ThreadSpy:
     def encode(self, *args: Any, **kw: Any) -> Any:
         self.threads.append(threading.current_thread())
         return self.inner.encode(*args, **kw)
+
+
+async def wait_for_cache_entries(admin: AdminClient, team: str, entries: int, timeout_s: float = 3.0) -> None:
+    """Wait (bounded) until the team's partition holds `entries` entries: writes are off the response
+    path, and a request that should find its answer before admission (not from the leader in
+    flight) must come after the write."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        stats = await admin.ok("GET", f"/admin/cache/stats?team_id={team}")
+        got = stats["teams"].get(team, {}).get("entries", 0)
+        if got >= entries or loop.time() > deadline:
+            assert got == entries, stats
+            return
+        await asyncio.sleep(0.02)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,6 +22,7 @@ from helpers import (
     nano,
     sse_data_lines,
     usd_cost,
+    wait_for_cache_entries,
 )
 
 from gateway.cache.keys import cache_key
@@ -562,19 +562,6 @@ async def test_waiters_go_upstream_when_the_leader_disconnects(
 # ---- hits are admitted at their known cost (charged at once, real tokens against TPM) ----------
 
 
-async def stored(admin: AdminClient, team: str, entries: int, timeout_s: float = 3.0) -> None:
-    """Wait until the team's partition holds `entries` entries (writes are off the response path),
-    so that the next identical request finds its answer before admission (not from the leader)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        stats = await admin.ok("GET", f"/admin/cache/stats?team_id={team}")
-        got = stats["teams"].get(team, {}).get("entries", 0)
-        if got >= entries or asyncio.get_running_loop().time() > deadline:
-            assert got == entries, stats
-            return
-        await asyncio.sleep(0.02)
-
-
 async def post_chat(
     http: aiohttp.ClientSession, base_url: str, key: str, body: dict[str, Any]
 ) -> tuple[int, Any, dict[str, Any]]:
@@ -585,18 +572,6 @@ async def post_chat(
 
 async def exact_hits(http: aiohttp.ClientSession, base_url: str) -> float:
     return metric_value(await metrics_text(http, base_url), "tollway_cache_hits_total", kind="exact")
-
-
-@pytest.fixture(params=["embedded", "redis"])
-async def store_config(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
-    """The `store` section of a gateway config: the default embedded store, or a real Redis."""
-    if request.param == "embedded":
-        yield {}
-        return
-    from gateway.testing.redis_server import RedisServer
-
-    async with RedisServer() as srv:
-        yield {"store": {"backend": "redis", "url": srv.url, "prefix": "charge-test:"}}
 
 
 async def test_hit_is_charged_its_cost_fraction_at_once(
@@ -622,7 +597,7 @@ async def test_hit_is_charged_its_cost_fraction_at_once(
         assert (await ask(url, k["key"], max_tokens=500))[0] == "miss"
         b, n = await admin.settled(k["id"], 1)
         assert (nano(b["spent_usd"]), b["reserved_usd"], n) == (full, 0, 1)
-        await stored(admin, "half", 1)
+        await wait_for_cache_entries(admin, "half", 1)
 
         h, _, c = await ask(url, k["key"], max_tokens=500)
         assert h == "hit-exact"
@@ -664,7 +639,7 @@ async def test_hit_refused_by_the_rpm_limit_is_not_served_nor_counted(
 
     status, headers, first = await post_chat(http, url, k["key"], body)
     assert (status, headers["x-tollway-cache"]) == (200, "miss")
-    await stored(admin, "rpm2", 1)
+    await wait_for_cache_entries(admin, "rpm2", 1)
     status, headers, second = await post_chat(http, url, k["key"], body)
     assert (status, headers["x-tollway-cache"]) == (200, "hit-exact")
     assert second == first
@@ -705,7 +680,7 @@ async def test_hits_refused_by_key_checks_are_not_served(
     body = {"model": "gpt-test", "messages": MSGS, "temperature": 0}
     status, headers, _ = await post_chat(http, gateway, filler["key"], body)
     assert (status, headers["x-tollway-cache"]) == (200, "miss")
-    await stored(admin, "chk", 1)
+    await wait_for_cache_entries(admin, "chk", 1)
     status, headers, _ = await post_chat(http, gateway, doomed["key"], body)
     assert (status, headers["x-tollway-cache"]) == (200, "hit-exact")  # the gateway knows this key now
     assert await exact_hits(http, gateway) == 1
@@ -739,7 +714,7 @@ async def test_hits_count_their_real_tokens_against_tpm(
     status, headers, answer = await post_chat(http, gateway, filler["key"], body)
     assert (status, headers["x-tollway-cache"]) == (200, "miss")
     assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (prompt, completion)
-    await stored(admin, "tpmhit", 1)
+    await wait_for_cache_entries(admin, "tpmhit", 1)
 
     async def hits_until_refused(k: dict[str, Any]) -> tuple[list[str], Any, dict[str, Any]]:
         remaining: list[str] = []
@@ -806,7 +781,7 @@ async def test_rate_limit_headers_keep_the_cache_header(
         status, headers, first = await post_chat(http, url, k["key"], cacheable)
         assert (status, headers.get("x-tollway-cache")) == (200, "miss")
         assert_rate_headers(headers, 10, 100_000)
-        await stored(admin, "hdr", 1)  # the next one is found before admission
+        await wait_for_cache_entries(admin, "hdr", 1)  # the next one is found before admission
 
         status, headers, second = await post_chat(http, url, k["key"], cacheable)
         assert (status, headers.get("x-tollway-cache")) == (200, "hit-exact")
@@ -849,7 +824,7 @@ async def test_cache_stats_count_only_admitted_lookups(
 
         status, headers, answer = await post_chat(http, url, limited["key"], body)
         assert (status, headers["x-tollway-cache"]) == (200, "miss")
-        await stored(admin, "cstats", 1)
+        await wait_for_cache_entries(admin, "cstats", 1)
         status, headers, data = await post_chat(http, url, limited["key"], body)
         assert (status, headers["x-tollway-cache"], data) == (200, "hit-exact", answer)
         for _ in range(2):
@@ -917,7 +892,7 @@ async def test_a_changed_default_cap_does_not_serve_answers_cut_at_the_old_one(
             aiohttp.ClientSession() as http,
         ):
             assert (await ask(one, keys.team_a))[:2] == ("miss", "cut at 16")
-            await stored(AdminClient(http, one, keys.admin), "team-a", 1)
+            await wait_for_cache_entries(AdminClient(http, one, keys.admin), "team-a", 1)
             assert (await ask(two, keys.team_a))[:2] == ("miss", "up to 4096")
             assert (await ask(two, keys.team_a, max_tokens=16))[:2] == ("hit-exact", "cut at 16")
             assert (await ask(one, keys.team_a, max_tokens=4096))[:2] == ("hit-exact", "up to 4096")

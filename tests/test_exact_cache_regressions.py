@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
-from helpers import AdminClient, StartGateway, metric_value, metrics_text
+from helpers import AdminClient, StartGateway, metric_value, metrics_text, wait_for_cache_entries
 
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config, running_gateway
@@ -33,32 +31,6 @@ async def post(
         return r.status, r.headers.get("x-tollway-cache", ""), orjson.loads(await r.read())
 
 
-async def stored(admin: AdminClient, team: str, entries: int, timeout_s: float = 3.0) -> None:
-    """Wait (bounded) until the team's partition holds `entries` entries: writes are off the
-    response path."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        stats = await admin.ok("GET", f"/admin/cache/stats?team_id={team}")
-        got = stats["teams"].get(team, {}).get("entries", 0)
-        if got >= entries or loop.time() > deadline:
-            assert got == entries, stats
-            return
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture(params=["embedded", "redis"])
-async def store_config(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
-    """The `store` section of a gateway config: the default embedded store, or a real Redis."""
-    if request.param == "embedded":
-        yield {}
-        return
-    from gateway.testing.redis_server import RedisServer
-
-    async with RedisServer() as srv:
-        yield {"store": {"backend": "redis", "url": srv.url, "prefix": "regression-test:"}}
-
-
 # ---- 1. open mode: the gateway sends no default cap, so none is in the key ----------------------
 
 
@@ -78,13 +50,13 @@ async def test_open_mode_no_max_tokens_does_not_share_the_entry_of_the_default_c
     status, cache, data = await post(http, url, CHAT, body)
     assert (status, cache, data["choices"][0]["message"]["content"]) == (200, "miss", "no cap at all")
     assert "max_tokens" not in fake.requests[-1].body, fake.requests[-1].body
-    await stored(admin, "default", 1)
+    await wait_for_cache_entries(admin, "default", 1)
 
     status, cache, data = await post(http, url, CHAT, {**body, "max_tokens": 321})
     assert (status, cache, data["choices"][0]["message"]["content"]) == (200, "miss", "capped at 321")
     assert fake.requests[-1].body["max_tokens"] == 321
     assert calls(fake, "chat") == 2
-    await stored(admin, "default", 2)
+    await wait_for_cache_entries(admin, "default", 2)
 
     # each is still served its own answer
     status, cache, data = await post(http, url, CHAT, body)
@@ -168,13 +140,13 @@ async def test_completions_max_tokens_zero_is_forwarded_and_keyed_apart(
     status, cache, data = await post(http, gateway, COMPLETIONS, zero, keys.team_a)
     assert (status, cache, data["choices"][0]["text"]) == (200, "miss", "Tell a story")
     assert fake.requests[-1].body["max_tokens"] == 0, fake.requests[-1].body
-    await stored(admin, "team-a", 1)
+    await wait_for_cache_entries(admin, "team-a", 1)
 
     status, cache, data = await post(http, gateway, COMPLETIONS, uncapped, keys.team_a)
     assert (status, cache, data["choices"][0]["text"]) == (200, "miss", "Tell a story once upon a time")
     assert fake.requests[-1].body["max_tokens"] == 77  # the model's max_output_tokens
     assert calls(fake, "completions") == 2
-    await stored(admin, "team-a", 2)
+    await wait_for_cache_entries(admin, "team-a", 2)
 
     status, cache, data = await post(http, gateway, COMPLETIONS, zero, keys.team_a)
     assert (status, cache, data["choices"][0]["text"]) == (200, "hit-exact", "Tell a story")
