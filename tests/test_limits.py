@@ -611,3 +611,48 @@ async def test_ledger_has_one_record_per_request(
     assert mine == {"gpt-test": 5, "embed-test": 1}
     assert b["spent_usd"] == pytest.approx(expected_cost, abs=1e-12)  # the failed request costs nothing
     assert await ledger_cost(admin, k["id"]) == pytest.approx(expected_cost, abs=1e-12)
+
+
+async def test_reservation_covers_the_dearest_fallback(
+    fake: FakeUpstream, start_gateway: StartGateway, http: aiohttp.ClientSession, keys: TestKeys
+) -> None:
+    """A fallback is billed at its own price, so a model with fallbacks reserves the worst case
+    over every model it may end up on (here one 10x dearer, reached through a fallback of a
+    fallback)."""
+    url = await start_gateway(
+        models={
+            "gpt-test": {"max_output_tokens": 100, "fallbacks": [{"model": "gpt-mid"}]},
+            "gpt-mid": {
+                "price": {"input_per_mtok": 2.0, "output_per_mtok": 4.0},
+                "deployments": [{"provider": "up", "model": "upstream-chat-1"}],
+                "fallbacks": [{"model": "gpt-dear"}],
+            },
+            "gpt-dear": {
+                "price": {"input_per_mtok": 10.0, "output_per_mtok": 20.0},
+                "deployments": [{"provider": "up", "model": "upstream-chat-1"}],
+            },
+        }
+    )
+    a = AdminClient(http, url, keys.admin)
+    await a.create_team(id="fb", name="fb")
+    k = await a.create_key(team_id="fb", budget={"limit_usd": 1, "period": "daily"})
+    fake.enqueue(Behaviour(delay_s=0.5))
+    task = asyncio.create_task(raw_chat(url, k["key"]))
+    try:
+        deadline = time.monotonic() + 2
+        while True:
+            b = await a.budget("key", k["id"])
+            if b["reserved_usd"] > 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        assert b["reserved_usd"] == pytest.approx(10 * usd_cost(EST_PROMPT, 100), abs=1e-12)
+    finally:
+        await task
+    # billed at the price of the model that answered (gpt-test itself here)
+    for _ in range(100):
+        b = await a.budget("key", k["id"])
+        if not b["reserved_usd"]:
+            break
+        await asyncio.sleep(0.05)
+    assert b["reserved_usd"] == 0
+    assert 0 < b["spent_usd"] < usd_cost(EST_PROMPT, 100)

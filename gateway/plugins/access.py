@@ -136,6 +136,19 @@ class AccessPlugin(Plugin):
         self.prices = prices
         self.models = settings.models
         self.budgets = settings.budgets
+        self._fallback_prices: dict[str, tuple[ModelPrice, ...]] = {}
+        """Model -> the prices of every model it may fall back to (transitively): a request is
+        reserved at the dearest of them, since a fallback is billed at its own price."""
+        for name, m in settings.models.items():
+            seen, todo = {name}, [f.model for f in m.fallbacks]
+            while todo:
+                fb = todo.pop()
+                if fb in seen or fb not in settings.models:
+                    continue
+                seen.add(fb)
+                todo.extend(f.model for f in settings.models[fb].fallbacks)
+            if len(seen) > 1:
+                self._fallback_prices[name] = tuple(prices[n] for n in sorted(seen) if n in prices)
         self.settings = settings
         self._keys: dict[str, tuple[KeyRecord, Principal]] = {}
         """Key hash -> the key record last seen and the Principal built from it."""
@@ -254,6 +267,7 @@ class AccessPlugin(Plugin):
             self.rejections.labels("revoked", "key").inc()
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
         if key.expires_at is not None and key.expires_at <= time.time():
+            self._keys.pop(h, None)  # read again next time: an admin may extend it
             self.rejections.labels("expired", "key").inc()
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
 
@@ -296,7 +310,11 @@ class AccessPlugin(Plugin):
             est_prompt = estimate_prompt_tokens(body)
             est_out = self._max_output(ctx) * choices
             est_tokens = est_prompt + est_out
-            cost = price.cost_nano(est_prompt, est_out)
+            chain = self._fallback_prices.get(model)
+            if chain is None:
+                cost = price.cost_nano(est_prompt, est_out)
+            else:
+                cost = max(p.cost_nano(est_prompt, est_out) for p in chain)
         ctx.state["est_tokens"] = est_tokens  # the router's quotas reuse it
         admission = Admission(
             key_hash=h,
@@ -312,6 +330,14 @@ class AccessPlugin(Plugin):
             res = self._admit_now(admission) if self._admit_now else await self.store.admit(admission)
         except StoreUnavailable:
             self.store_errors.labels("admit").inc()
+            if known is None:
+                # A timeout does not say the admission was not applied (the script may still
+                # run): settling this lease in on_response (idempotent; the real cost if served
+                # unmetered, else 0) releases a reservation that did land, instead of holding
+                # it for the lease TTL, and bills what was served once the store is back.
+                ctx.state["access.lease"] = _Lease(
+                    lease_id, ctx.state["access.key"], None, est_prompt, est_tokens, price
+                )
             try:
                 self._admit_degraded(ctx, h)
             except GatewayError:
@@ -343,20 +369,32 @@ class AccessPlugin(Plugin):
         return None
 
     def _admit_degraded(self, ctx: RequestContext, h: str) -> None:
-        """Store down: budgets fail closed (default), rate limits open; configurable."""
+        """Store down: budgets fail closed (default), rate limits open; configurable.
+
+        A key (and team) without a budget has no budget to check: with rate limits failing open
+        it is admitted even when budgets fail closed. A key this process has not seen, or whose
+        team it has not seen, cannot be checked at all and is refused."""
         cached = self._keys.get(h)
-        if (
-            self.budgets.on_store_failure == "closed"
-            or self.budgets.rate_limit_on_store_failure == "closed"
-            or cached is None
+        key = cached[0] if cached is not None else None
+        team = self._teams.get(key.team_id) if key is not None else None
+        what = ""
+        if key is None or team is None:
+            what = "Your key"
+        elif self.budgets.rate_limit_on_store_failure == "closed":
+            what = "Rate limits"
+        elif self.budgets.on_store_failure == "closed" and (
+            key.budget is not None or team.budget is not None
         ):
+            what = "Budgets"
+        if what:
             raise ServiceUnavailable(
-                "Budgets cannot be checked because the gateway's store is unreachable; "
+                f"{what} cannot be checked because the gateway's store is unreachable; "
                 "the request was not sent. Try again shortly.",
                 code="store_unavailable",
             )
-        log.warning("store unreachable: admitting key %s without budget checks", cached[0].id)
-        ctx.state["access.unmetered"] = cached[0]
+        assert key is not None
+        log.warning("store unreachable: admitting key %s without limit or budget checks", key.id)
+        ctx.state["access.unmetered"] = key
 
     def _apply(self, ctx: RequestContext, h: str, res: AdmitResult, est_tokens: int) -> None:
         status = res.status

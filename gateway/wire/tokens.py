@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def _chars(s: str) -> int:
+    """Characters, weighted so that text outside ASCII counts as more: about 3 ASCII characters
+    make a token, but a CJK character is often 1-2 tokens and an emoji 2-3. Each UTF-8 byte past
+    the first counts twice (CJK 5/3 tokens, emoji 7/3)."""
+    if s.isascii():
+        return len(s)
+    return len(s) + 2 * (len(s.encode("utf-8", "surrogatepass")) - len(s))
+
+
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A deliberately generous estimate (about 3 characters a token) from the request body."""
+    """A deliberately generous estimate (about 3 ASCII characters a token, more for other
+    scripts) from the request body."""
     chars = 0
     items = 0
     msgs = body.get("messages")
@@ -17,26 +27,26 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
                 continue
             c = m.get("content")
             if isinstance(c, str):
-                chars += len(c)
+                chars += _chars(c)
             elif isinstance(c, list):
                 for part in c:
                     if isinstance(part, dict):
                         t = part.get("text")
-                        chars += len(t) if isinstance(t, str) else 255 * 3  # an image: ~255 tokens
+                        chars += _chars(t) if isinstance(t, str) else 255 * 3  # an image: ~255 tokens
             tc = m.get("tool_calls")
             if tc:
-                chars += len(str(tc))
+                chars += _chars(str(tc))
         tools = body.get("tools")
         if tools:
-            chars += len(str(tools))
+            chars += _chars(str(tools))
     else:
         src = body.get("prompt", body.get("input"))
         if isinstance(src, str):
-            chars, items = len(src), 1
+            chars, items = _chars(src), 1
         elif isinstance(src, list):
             for s in src:
                 items += 1
-                chars += len(s) if isinstance(s, str) else (len(s) * 3 if isinstance(s, list) else 3)
+                chars += _chars(s) if isinstance(s, str) else (len(s) * 3 if isinstance(s, list) else 3)
     return chars // 3 + 4 * items + 3
 
 
