@@ -9,6 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import quote, urlencode
 
 
 class AdminError(Exception):
@@ -85,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(out, indent=2))
                 print(f"\nThe key is shown only now: {out['key']}", file=sys.stderr)
             elif args.action == "list":
-                path = "/admin/keys" + (f"?team_id={args.team}" if args.team else "")
+                path = "/admin/keys" + (f"?{urlencode({'team_id': args.team})}" if args.team else "")
                 data = _call(args, "GET", path)["data"]
                 for k in data:
                     k["budget"] = _budget_str(k["budget"])
                 print(_table(data, ["id", "team_id", "name", "prefix", "status", "budget", "rpm", "tpm"]))
             else:
-                out = _call(args, "POST", f"/admin/keys/{args.key_id}/revoke")
+                out = _call(args, "POST", f"/admin/keys/{quote(args.key_id, safe='')}/revoke")
                 print(f"revoked {out['id']} ({out['name'] or out['prefix']})")
     except AdminError as e:
         print(f"tollway: {e}", file=sys.stderr)

@@ -28,10 +28,18 @@ class Receiver:
     def __init__(self) -> None:
         self.posts: list[dict[str, Any]] = []
         self.url = ""
+        self.fail_next = 0
+        """Answer this many of the next posts with a 503 (and do not record them)."""
+        self.failed = 0
         self._runner: web.AppRunner | None = None
 
     async def _hook(self, request: web.Request) -> web.Response:
-        self.posts.append(await request.json())
+        body = await request.json()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            self.failed += 1
+            return web.Response(status=503)
+        self.posts.append(body)
         return web.Response(status=204)
 
     async def start(self) -> None:
@@ -195,3 +203,20 @@ async def test_alert_for_a_request_that_settles_after_a_check(
     posts = await receiver.wait_for(1, timeout_s=QUIET_S + 0.5)
     assert [(p["scope"], p["id"], p["threshold"]) for p in posts] == [("key", k["id"], 0.5)]
     assert alerts_metric(await metrics_text(http, url), "key", "0.5") == 1
+
+
+async def test_a_failing_webhook_is_tried_again(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, keys: TestKeys, receiver: Receiver
+) -> None:
+    """The alert is raised once per period, so a webhook answering 503 is not left at that: the
+    POST is sent again (after a short backoff) and arrives."""
+    url, admin = await alerting_gateway(start_gateway, http, keys, receiver, [0.5])
+    await admin.create_team(id="alw", name="alw")
+    k = await admin.create_key(team_id="alw", budget={"limit_usd": 5 * COST, "period": "daily"})
+    receiver.fail_next = 1
+    for _ in range(3):  # 60 %
+        await chat(url, k["key"])
+    posts = await receiver.wait_for(1, timeout_s=6.0)
+    assert receiver.failed == 1
+    assert len(posts) == 1, posts
+    assert posts[0]["id"] == k["id"]

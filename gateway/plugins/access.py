@@ -109,6 +109,10 @@ def _drop_answer(ctx: RequestContext) -> None:
         ctx.usage = None
 
 
+_WEBHOOK_ATTEMPTS = 3
+_WEBHOOK_BACKOFF_S = 1.0
+
+
 @dataclass(slots=True)
 class _Lease:
     id: str
@@ -591,9 +595,19 @@ class AccessPlugin(Plugin):
             "period_end": end,
             "message": msg,
         }
-        try:
-            async with self._http.post(url, json=payload) as r:
-                if r.status >= 300:
-                    log.warning("budget alert webhook answered HTTP %d", r.status)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            log.warning("budget alert webhook failed: %s", e)
+        # The alert is raised once per period (the flag is already set): a webhook that fails
+        # is tried again a few times before the alert is given up (logged as an error).
+        for attempt in range(_WEBHOOK_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(_WEBHOOK_BACKOFF_S * 2 ** (attempt - 1))
+            try:
+                async with self._http.post(url, json=payload) as r:
+                    if r.status < 300:
+                        return
+                    problem = f"answered HTTP {r.status}"
+                    if r.status < 500 and r.status not in (408, 429):
+                        break  # a client error: sending it again will not help
+            except (aiohttp.ClientError, TimeoutError) as e:
+                problem = f"failed: {e}"
+            log.warning("budget alert webhook %s (attempt %d)", problem, attempt + 1)
+        log.error("budget alert webhook gave up: %s", msg)
