@@ -50,6 +50,9 @@ class Scenario:
     exact miss that makes a semantic lookup)."""
     direct: bool = True
     """Also run it straight at the upstream (`direct`, or `direct-fake` for `cache-fake`)."""
+    rounds: int = 1
+    """Run it this many times, the targets interleaved in each round; the table shows the
+    pooled rounds, the routing summary judges the median of the per-round figures."""
 
     @property
     def warmup(self) -> int:
@@ -86,11 +89,58 @@ class Row:
     """The row the overhead columns subtract (`direct`, or `direct-fake` for `cache-fake`)."""
     hists: dict[str, Hist] = field(default_factory=dict)
     """The gateway's histograms over the measured phase (after minus before), when scraped."""
+    rounds: list[Row] = field(default_factory=list)
+    """The per-round rows this one pools (a scenario with `rounds` > 1), else empty."""
 
     def per_req_ms(self, cpu_s: float | None) -> float | None:
         if cpu_s is None or self.result.requests <= 0:
             return None
         return cpu_s * 1000 / self.result.requests
+
+
+def _sum(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def pool_rounds(rounds: Sequence[Row]) -> Row:
+    """One row for several rounds of a scenario on one target: latencies, errors and counts
+    pooled, CPU summed, RSS the largest; the rounds kept in `Row.rounds`."""
+    first = rounds[0]
+    results = [r.result for r in rounds]
+    result = RunResult(
+        requests=sum(r.requests for r in results),
+        concurrency=first.result.concurrency,
+        elapsed_ns=sum(r.elapsed_ns for r in results),
+        latencies_ns=first.result.latencies_ns[:0],
+        ttfc_ns=first.result.ttfc_ns[:0],
+        overhead_hdr_ms=[v for r in results for v in r.overhead_hdr_ms],
+    )
+    for r in results:
+        result.latencies_ns.extend(r.latencies_ns)
+        result.ttfc_ns.extend(r.ttfc_ns)
+        result.errors.update(r.errors)
+        result.attempts.update(r.attempts)
+        result.deployments.update(r.deployments)
+        result.cache.update(r.cache)
+    calls: dict[str, tuple[int, int]] = {}
+    for row in rounds:
+        for k, (ok, failed) in row.upstream_calls.items():
+            a, b = calls.get(k, (0, 0))
+            calls[k] = (a + ok, b + failed)
+    rss = [r.gateway_rss_mb for r in rounds if r.gateway_rss_mb is not None]
+    return Row(
+        scenario=first.scenario,
+        variant=first.variant,
+        result=result,
+        upstream_cpu_s=sum(r.upstream_cpu_s for r in rounds),
+        loadgen_cpu_s=sum(r.loadgen_cpu_s for r in rounds),
+        gateway_cpu_s=_sum([r.gateway_cpu_s for r in rounds]),
+        gateway_rss_mb=max(rss) if rss else None,
+        store_cpu_s=_sum([r.store_cpu_s for r in rounds]),
+        upstream_calls=calls,
+        baseline=first.baseline,
+        rounds=list(rounds),
+    )
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -274,6 +324,25 @@ def _change(v: float, base: float) -> float:
     return (v - base) / base if base > 0 else math.inf
 
 
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return math.nan if not n else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2)
+
+
+def _overheads(row: Row, direct: Row, what: str) -> tuple[float, list[float]]:
+    """(judged value, per-round values) of the overhead `what` ("p50" or "ttfc_p50") of `row`
+    over `direct`: with rounds, each round against the direct run of the same round and the
+    median of those; without, the pooled figures."""
+    pairs = (
+        list(zip(row.rounds, direct.rounds, strict=True))
+        if row.rounds and len(row.rounds) == len(direct.rounds)
+        else [(row, direct)]
+    )
+    per = [getattr(Stats.of(a.result), what) - getattr(Stats.of(b.result), what) for a, b in pairs]
+    return _median(per), per
+
+
 def routing_summary(
     rows: Sequence[Row],
     healthy: str = ROUTING_OK,
@@ -281,10 +350,12 @@ def routing_summary(
     tolerance: float = ROUTING_TOLERANCE,
 ) -> list[str]:
     """One line per scenario run by both routing variants: (b) one deployment failing against
-    (a) both healthy. Judged: no client errors in (b), overhead p50 and gateway CPU per request
-    of (b) at most `tolerance` above (a)'s. Overhead p99, mean attempts and, when `core` ran, its
-    overhead p50 and CPU (one deployment on one upstream, as (b) is while its breaker is open)
-    are shown, not judged."""
+    (a) both healthy. Judged: no client errors in (b); overhead p50 (for streams also the
+    time-to-first-chunk overhead p50) and gateway CPU per request of (b) at most `tolerance`
+    above (a)'s. A scenario run in rounds (targets interleaved) is judged on the median of the
+    per-round overheads, each against the direct run of its round. Overhead p99, mean attempts
+    and, when `core` ran, its overhead p50 and CPU (one deployment on one upstream) are shown,
+    not judged."""
     by = {(r.scenario.name, r.variant): r for r in rows}
     out: list[str] = []
     for r in rows:
@@ -295,20 +366,29 @@ def routing_summary(
         if ok is None or direct is None:
             continue
         sb, sa, sd = Stats.of(r.result), Stats.of(ok.result), Stats.of(direct.result)
-        ob50, oa50 = sb.p50 - sd.p50, sa.p50 - sd.p50
+        ob50, ob_rounds = _overheads(r, direct, "p50")
+        oa50, oa_rounds = _overheads(ok, direct, "p50")
         ob99, oa99 = sb.p99 - sd.p99, sa.p99 - sd.p99
         cb, ca = r.per_req_ms(r.gateway_cpu_s), ok.per_req_ms(ok.gateway_cpu_s)
         d50 = _change(ob50, oa50)
         dcpu = _change(cb, ca) if cb is not None and ca is not None else math.inf
-        missed = [
-            what
-            for what, bad in (
-                ("client errors", r.result.error_count > 0),
-                ("overhead p50", d50 > tolerance),
-                ("gateway CPU/request", dcpu > tolerance),
-            )
-            if bad
+        judged = [
+            ("client errors", r.result.error_count > 0),
+            ("overhead p50", d50 > tolerance),
+            ("gateway CPU/request", dcpu > tolerance),
         ]
+        ttfc_text = ""
+        if r.scenario.stream:
+            tb, tb_rounds = _overheads(r, direct, "ttfc_p50")
+            ta, ta_rounds = _overheads(ok, direct, "ttfc_p50")
+            dt = _change(tb, ta)
+            judged.append(("TTFC overhead p50", dt > tolerance))
+            ttfc_text = (
+                f"TTFC overhead p50 {tb:.2f} vs {ta:.2f} ms ({dt:+.0%})"
+                + (f" [rounds {_list(tb_rounds)} vs {_list(ta_rounds)}]" if len(tb_rounds) > 1 else "")
+                + "; "
+            )
+        missed = [what for what, bad in judged if bad]
         verdict = f"MISSED ({', '.join(missed)})" if missed else "met"
         fails = ", ".join(f"{k} {ok_}+{failed}" for k, (ok_, failed) in r.upstream_calls.items())
         core = by.get((name, CORE))
@@ -316,19 +396,29 @@ def routing_summary(
         if core is not None:
             cc = core.per_req_ms(core.gateway_cpu_s)
             core_text = (
-                f"; {CORE} (one deployment): overhead p50 {Stats.of(core.result).p50 - sd.p50:.2f} ms, "
+                f"; {CORE} (one deployment): overhead p50 {_overheads(core, direct, 'p50')[0]:.2f} ms, "
                 f"gateway CPU {_f(cc, 3)} ms/req"
             )
+        rounds_text = (
+            f" [median of {len(ob_rounds)} rounds: {_list(ob_rounds)} vs {_list(oa_rounds)}]"
+            if len(ob_rounds) > 1
+            else ""
+        )
         out.append(
             f"routing {name}: {failing} vs {healthy}: within {tolerance:.0%}: {verdict}: "
             f"client errors {r.result.error_count} vs {ok.result.error_count}; "
-            f"overhead p50 {ob50:.2f} vs {oa50:.2f} ms ({d50:+.0%}); "
+            f"overhead p50 {ob50:.2f} vs {oa50:.2f} ms ({d50:+.0%}){rounds_text}; "
+            f"{ttfc_text}"
             f"gateway CPU {_f(cb, 3)} vs {_f(ca, 3)} ms/req ({dcpu:+.0%}); "
             f"overhead p99 {ob99:.2f} vs {oa99:.2f} ms (not judged); "
             f"mean attempts {_attempts(r.result)} vs {_attempts(ok.result)}; "
             f"upstream calls 200+503 in {failing}: {fails or '-'}{core_text}"
         )
     return out
+
+
+def _list(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
 
 
 def cache_summary(rows: Sequence[Row], target: float = CACHE_TARGET) -> list[str]:

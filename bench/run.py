@@ -9,8 +9,11 @@ process per variant (``python -m gateway serve`` with a generated config):
 * ``redis``: the same on the Redis store;
 * ``routing-ok`` / ``routing-fail`` (``--variants routing``): core, but the model has two
   deployments (weight 1 each) on two fake upstream processes, with the router's default
-  retry and breaker settings; in ``routing-fail`` the second upstream answers a fraction
-  (``--fail-rate``, default 0.5) of chat completions with a 503;
+  retry and breaker settings except ``breaker.open_s`` (``--breaker-open-s``, default 1 s, so
+  the failing deployment is probed, and takes traffic, during every measured phase); in
+  ``routing-fail`` the second upstream answers a fraction (``--fail-rate``, default 0.5) of chat
+  completions with a 503. The stream scenario runs in 3 rounds with the targets interleaved,
+  and the routing summary judges the median of the per-round overheads;
 * ``cache`` / ``cache-fake`` (``--variants cache``): like ``embedded`` (the default plugins
   include ``exact_cache``), run with cacheable bodies: exact-cache misses (every body new) and
   hits (one body); ``cache-fake``'s upstream is the project's aiohttp test fake in its own
@@ -80,6 +83,7 @@ from bench.report import (
     Scenario,
     cache_summary,
     parse_histograms,
+    pool_rounds,
     render_semantic,
     render_table,
     routing_summary,
@@ -136,6 +140,9 @@ FAKE = "fake"
 CACHE = "cache"
 CACHE_FAKE = "cache-fake"
 SEMANTIC = "semantic"
+DEFAULT_BREAKER_OPEN_S = 1.0
+BREAKER_OPEN_S = DEFAULT_BREAKER_OPEN_S
+"""`routing.breaker.open_s` of the routing variants (the default is 15 s); `--breaker-open-s`."""
 TEAM = "bench"
 """The team id the bench creates (the semantic index is saved in its partition)."""
 
@@ -177,7 +184,7 @@ FULL = [
     Scenario("chat c=1", 1, 2000, False, variants=_PLAIN),
     Scenario("chat c=16", 16, 10000, False, variants=_PLAIN),
     Scenario("chat c=64", 64, 10000, False, variants=_NOT_ROUTING),
-    Scenario("stream c=16", 16, 800, True, variants=_PLAIN),
+    Scenario("stream c=16", 16, 800, True, variants=_PLAIN, rounds=3),
     Scenario("cache miss c=16", 16, 5000, False, variants=_CACHE, cache="miss"),
     Scenario("cache hit c=16", 16, 5000, False, variants=_CACHE, cache="hit", direct=False),
 ]
@@ -185,7 +192,7 @@ QUICK = [
     Scenario("chat c=1", 1, 200, False, variants=_PLAIN),
     Scenario("chat c=16", 16, 1000, False, variants=_PLAIN),
     Scenario("chat c=64", 64, 1000, False, variants=_NOT_ROUTING),
-    Scenario("stream c=16", 16, 80, True, variants=_PLAIN),
+    Scenario("stream c=16", 16, 80, True, variants=_PLAIN, rounds=2),
     Scenario("cache miss c=16", 16, 1000, False, variants=_CACHE, cache="miss"),
     Scenario("cache hit c=16", 16, 1000, False, variants=_CACHE, cache="hit", direct=False),
 ]
@@ -295,6 +302,11 @@ def gateway_config(
             }
         },
     }
+    if variant.group == ROUTING:
+        # Both routing variants alike: a failing deployment is probed again this long after its
+        # breaker opened, so it takes real traffic (and its failures are retried) during every
+        # measured phase instead of sitting out the run behind an open breaker.
+        cfg["routing"] = {"breaker": {"open_s": BREAKER_OPEN_S}}
     if variant.semantic:
         cfg["plugins"] = [{"name": n} for n in ("metrics", "access", "exact_cache", "semantic_cache")]
         # Room above the pre-filled 100k: at max_entries (default 100000) every miss would scan
@@ -564,15 +576,25 @@ async def run_all(scenarios: list[Scenario], targets: list[Target], notes: list[
         todo = [t for t in targets if t.name not in gone and _runs(sc, t, targets)]
         if not any(t.gateway is not None for t in todo) and any(t.gateway is not None for t in targets):
             continue  # no selected gateway variant runs it
-        log(f"scenario {sc.name} ({sc.requests} requests, {sc.warmup} warmup)")
-        for t in todo:
-            if t.gateway is not None and not t.gateway.alive():
-                code = t.gateway.proc.returncode
-                notes.append(f"gateway {t.name} exited (code {code}) before {sc.name}")
-                log(f"gateway {t.name} is gone (exit code {code}):\n{t.gateway.log_tail()}")
-                gone.add(t.name)
-                continue
-            rows.append(await measure(sc, t))
+        log(f"scenario {sc.name} ({sc.requests} requests, {sc.warmup} warmup"
+            + (f", {sc.rounds} rounds)" if sc.rounds > 1 else ")"))
+        per_target: dict[str, list[Row]] = {}
+        for i in range(sc.rounds):
+            if sc.rounds > 1:
+                log(f" round {i + 1} of {sc.rounds}")
+            for t in todo:
+                if t.name in gone:
+                    continue
+                if t.gateway is not None and not t.gateway.alive():
+                    code = t.gateway.proc.returncode
+                    notes.append(f"gateway {t.name} exited (code {code}) before {sc.name}")
+                    log(f"gateway {t.name} is gone (exit code {code}):\n{t.gateway.log_tail()}")
+                    gone.add(t.name)
+                    per_target.pop(t.name, None)
+                    continue
+                per_target.setdefault(t.name, []).append(await measure(sc, t))
+        for rounds in per_target.values():
+            rows.append(rounds[0] if len(rounds) == 1 else pool_rounds(rounds))
     return rows
 
 
@@ -881,9 +903,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fail-seed", type=int, default=1, help="seed of the failing upstream's draws (default 1)"
     )
+    parser.add_argument(
+        "--breaker-open-s",
+        type=float,
+        default=DEFAULT_BREAKER_OPEN_S,
+        help="routing.breaker.open_s of the routing variants: how soon the failing deployment "
+        f"is probed again (default {DEFAULT_BREAKER_OPEN_S:g}; the gateway's own default is 15)",
+    )
     parser.add_argument("--direct-only", action="store_true", help="do not start any gateway")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
     args = parser.parse_args(argv)
+    global BREAKER_OPEN_S
+    BREAKER_OPEN_S = args.breaker_open_s
     extra: dict[str, Any] = {}
     if args.config_extra is not None:
         loaded = yaml.safe_load(args.config_extra.read_text())
@@ -1031,7 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
             "embedded / redis = keys + RPM/TPM limits + key and team budgets on that store"
             + (
                 f"; routing-ok / routing-fail = core with two deployments (weight 1) on upstreams "
-                f"{MAIN} + {SPARE} / {MAIN} + {FLAKY}, {FLAKY} failing {args.fail_rate:.0%} with 503"
+                f"{MAIN} + {SPARE} / {MAIN} + {FLAKY}, {FLAKY} failing {args.fail_rate:.0%} with 503, "
+                f"breaker open_s {BREAKER_OPEN_S:g} s"
                 if any(v.group == ROUTING for v in variants)
                 else ""
             )
