@@ -66,6 +66,7 @@ def create_store(settings: StoreSettings) -> Store:
             prefix=settings.prefix,
             socket_timeout_s=settings.socket_timeout_s,
             connect_timeout_s=settings.connect_timeout_s,
+            ledger_max_records=settings.ledger_max_records,
         )
     from gateway.store.embedded import EmbeddedStore
 

@@ -243,7 +243,7 @@ return redis.call('HGET', P .. 'keys', kid)
 """
 
 LEDGER = r"""
--- ARGV: 1 prefix, 2 stream maxlen, 3 aggregate TTL (s), 4 batch id, 5.. one JSON record each:
+-- ARGV: 1 prefix, 2 stream maxlen (0: untrimmed), 3 aggregate TTL (s), 4 batch id, 5.. one JSON record each:
 -- {"day","team","key","model","p","c","cost", ...}; the JSON goes into the stream as is.
 -- A batch id already seen (a retry after a lost reply) writes nothing: exactly once.
 local P = ARGV[1]
@@ -253,7 +253,11 @@ if not redis.call('SET', P .. 'lb:' .. ARGV[4], '1', 'NX', 'EX', 172800) then re
 local seen = {}
 for i = 5, #ARGV do
   local r = cjson.decode(ARGV[i])
-  redis.call('XADD', P .. 'ledger', 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
+  if maxlen == '0' then
+    redis.call('XADD', P .. 'ledger', '*', 'r', ARGV[i])
+  else
+    redis.call('XADD', P .. 'ledger', 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
+  end
   local agg = P .. 'agg:' .. r.day
   local base = r.team .. '\31' .. r.key .. '\31' .. r.model .. '\31'
   redis.call('HINCRBY', agg, base .. 'n', 1)

@@ -62,7 +62,7 @@ from gateway.store.rules import (
 log = logging.getLogger("tollway.store.redis")
 
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-_LEDGER_MAXLEN = 1_000_000
+_LEDGER_MAXLEN = 10_000_000
 _AGG_TTL_S = 400 * DAY_S
 _LEASE_KEYS_EXTRA_TTL_S = DAY_S
 _SEP = "\x1f"
@@ -98,8 +98,10 @@ class RedisStore:
         socket_timeout_s: float = 1.0,
         connect_timeout_s: float = 0.5,
         max_connections: int = 64,
+        ledger_max_records: int = _LEDGER_MAXLEN,
     ) -> None:
         self._url = url
+        self._ledger_max = ledger_max_records
         self._p = prefix
         self._socket_timeout = socket_timeout_s
         self._connect_timeout = connect_timeout_s
@@ -435,7 +437,7 @@ class RedisStore:
 
     async def _ledger_call(self, records: list[SpendRecord], client: Any, batch_id: str) -> Any:
         assert self._ledger_script is not None
-        args: list[EncodableT] = [self._p, _LEDGER_MAXLEN, _AGG_TTL_S, batch_id]
+        args: list[EncodableT] = [self._p, self._ledger_max, _AGG_TTL_S, batch_id]
         for r in records:
             args.append(
                 orjson.dumps(

@@ -23,3 +23,8 @@ class StoreSettings(BaseModel):
     """embedded: how often buffered spend and ledger rows are written to disk."""
     socket_timeout_s: float = Field(default=1.0, gt=0)
     connect_timeout_s: float = Field(default=0.5, gt=0)
+    ledger_max_records: int = Field(default=10_000_000, ge=0)
+    """redis: the per-request ledger is a stream (`<prefix>ledger`) trimmed to about this many
+    records (0: never trimmed; ~150 bytes of Redis memory each). Export it (XREAD) if every
+    record must be kept for longer; the spend API's daily aggregates are kept for 400 days
+    either way. The embedded store keeps every record in its SQLite file."""

@@ -1016,3 +1016,27 @@ async def test_embedded_store_is_one_process_only(tmp_path: Path) -> None:
     again = EmbeddedStore(tmp_path / "one.db")  # released on close
     await again.start()
     await again.close()
+
+
+@pytest.mark.parametrize("max_records", [0, 250])
+async def test_redis_ledger_stream_bound(redis_server: RedisServer, max_records: int) -> None:
+    """Redis only: the per-request ledger stream keeps every record with
+    `ledger_max_records: 0`, and is trimmed to about the bound otherwise (approximately:
+    Redis trims whole stream nodes of 100 entries)."""
+    import redis.asyncio as aioredis
+
+    prefix = f"lb-{uuid.uuid4().hex[:8]}:"
+    s = RedisStore(redis_server.url, prefix=prefix, ledger_max_records=max_records)
+    await s.start()
+    try:
+        for i in range(1000):
+            s.submit(None, spend(T0 + i, "t1", "k1", "m", 1))
+        await s.drain()
+    finally:
+        await s.close()
+    async with aioredis.from_url(redis_server.url) as r:
+        n = await r.xlen(prefix + "ledger")
+    if max_records == 0:
+        assert n == 1000
+    else:
+        assert max_records <= n < max_records + 200
