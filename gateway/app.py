@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -38,6 +40,55 @@ def build_provider(name: str, settings: ProviderSettings) -> Provider:
     return OpenAIAdapter(name, settings)
 
 
+_BUILT_IN_PLUGINS = frozenset({"access", "auth", "exact_cache", "semantic_cache", "metrics"})
+
+
+def _load_external(ref: PluginRef) -> Any:
+    """The class (or factory) an external plugin's `path` names."""
+    assert ref.path is not None
+    module_name, _, cls_name = ref.path.partition(":")
+    if not cls_name:
+        raise ConfigError(f"plugins: {ref.path!r} must look like 'package.module:Class'")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"plugins: cannot load {ref.path!r}: {e}") from None
+
+
+def check_config(settings: Settings) -> dict[str, ModelPrice]:
+    """Every check create_app makes beyond the settings' own validation, without building
+    anything that does I/O (no store, no providers, no server): model prices, the plugin list
+    and its order, external plugins importable with options their constructor accepts.
+    Returns the price table. `tollway check-config` runs it; create_app runs it first."""
+    prices = build_price_table(settings)
+    names: list[str] = []
+    for i, ref in enumerate(settings.plugins):
+        if ref.name is not None:
+            if ref.name not in _BUILT_IN_PLUGINS:
+                raise ConfigError(f"plugins: unknown built-in plugin {ref.name!r}")
+            name = "access" if ref.name == "auth" else ref.name
+            if name == "semantic_cache" and "exact_cache" not in names:
+                raise ConfigError("plugins: semantic_cache must come after exact_cache")
+            names.append(name)
+            continue
+        cls = _load_external(ref)
+        if not callable(cls) or (isinstance(cls, type) and not issubclass(cls, Plugin)):
+            raise ConfigError(f"plugins: {ref.path!r} is not a gateway.pipeline.Plugin")
+        try:
+            sig = inspect.signature(cls)
+        except (TypeError, ValueError):
+            continue  # no signature to check the options against
+        try:
+            sig.bind(**ref.options)
+        except TypeError as e:
+            raise ConfigError(f"plugins.{i}.options: {ref.path!r} does not accept them: {e}") from None
+    if "access" not in names:
+        raise ConfigError("plugins: the access plugin (keys, limits, budgets) must be in the list")
+    if "exact_cache" in names and names.index("exact_cache") < names.index("access"):
+        raise ConfigError("plugins: exact_cache must come after access (hits pass limits and budgets)")
+    return prices
+
+
 def build_plugin(
     ref: PluginRef,
     settings: Settings,
@@ -55,15 +106,7 @@ def build_plugin(
         return MetricsPlugin(registry) if settings.metrics.enabled else None
     if ref.name is not None:
         raise ConfigError(f"plugins: unknown built-in plugin {ref.name!r}")
-    assert ref.path is not None
-    module_name, _, cls_name = ref.path.partition(":")
-    if not cls_name:
-        raise ConfigError(f"plugins: {ref.path!r} must look like 'package.module:Class'")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"plugins: cannot load {ref.path!r}: {e}") from None
-    plugin = cls(**ref.options)
+    plugin = _load_external(ref)(**ref.options)
     if not isinstance(plugin, Plugin):
         raise ConfigError(f"plugins: {ref.path!r} is not a gateway.pipeline.Plugin")
     return plugin
@@ -73,7 +116,7 @@ _GC_GEN0_THRESHOLD = 5_000
 
 
 def create_app(settings: Settings) -> web.Application:
-    prices = build_price_table(settings)
+    prices = check_config(settings)
     store = create_store(settings.store)
     registry = CollectorRegistry(auto_describe=True)
     providers = {name: build_provider(name, p) for name, p in settings.providers.items()}

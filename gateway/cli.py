@@ -81,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.command == "check-config":
+        from gateway.app import check_config  # late: the app imports the whole gateway
+
+        try:
+            check_config(settings)  # what `serve` would reject, without a server or the store
+        except ConfigError as e:
+            print(f"invalid config {args.config}: {e}", file=sys.stderr)
+            return 2
         print(yaml.safe_dump(redacted(settings), sort_keys=False), end="")
         print(f"# config OK: {len(settings.models)} models, {len(settings.providers)} providers",
               file=sys.stderr)

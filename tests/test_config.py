@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,138 @@ def test_check_config_cli_bad_config(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "providers.up.bogus" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- check-config runs the checks create_app makes (not only the settings' own) ------------------
+
+
+def _write(tmp_path: Path, data: dict[str, Any], name: str = "c.yaml") -> Path:
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def test_check_config_cli_unpriced_model(tmp_path: Path) -> None:
+    data = base()
+    data["models"]["gpt-test"].pop("price")
+    data["models"]["gpt-test"]["deployments"][0]["model"] = "no-such-model-anyone-prices-7"
+    store_path = Path(data["store"]["path"])
+    proc = _check_config(_write(tmp_path, data), dict(os.environ))
+    assert proc.returncode != 0, proc.stdout
+    assert "models without a price: models.gpt-test" in proc.stderr, proc.stderr
+    assert "price: {free: true}" in proc.stderr  # says how to fix it
+    assert "config OK" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not store_path.exists()  # the store was not opened
+    # and the app refuses it the same way (what `serve` would hit)
+    from gateway.app import create_app
+
+    with pytest.raises(ConfigError, match="models without a price"):
+        create_app(settings_from_dict(data))
+
+
+@pytest.mark.parametrize(
+    ("plugins", "message"),
+    [
+        ([{"name": "access"}, {"name": "no_such_plugin"}], "unknown built-in plugin 'no_such_plugin'"),
+        ([{"name": "metrics"}], "the access plugin"),
+        ([{"name": "exact_cache"}, {"name": "access"}], "exact_cache must come after access"),
+        ([{"name": "access"}, {"name": "semantic_cache"}, {"name": "exact_cache"}],
+         "semantic_cache must come after exact_cache"),
+        ([{"name": "access"}, {"path": "no_such_module_tw:Plugin"}],
+         "cannot load 'no_such_module_tw:Plugin'"),
+        ([{"name": "access"}, {"path": "gateway.pipeline"}], "must look like 'package.module:Class'"),
+        ([{"name": "access"}, {"path": "gateway.settings:Settings"}], "is not a gateway.pipeline.Plugin"),
+        ([{"name": "access"}, {"path": "gateway.plugins.metrics:MetricsPlugin", "options": {"bogus": 1}}],
+         "plugins.1.options"),
+    ],
+)
+def test_check_config_cli_plugin_errors(tmp_path: Path, plugins: list[Any], message: str) -> None:
+    data = {**base(), "plugins": plugins}
+    settings_from_dict(data)  # valid as settings: only the app-level checks catch it
+    proc = _check_config(_write(tmp_path, data), dict(os.environ))
+    assert proc.returncode != 0, proc.stdout
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_config_accepts_what_the_app_accepts(tmp_path: Path) -> None:
+    data = {**base(), "plugins": [{"name": "metrics"}, {"name": "auth"}, {"name": "exact_cache"}]}
+    proc = _check_config(_write(tmp_path, data), dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert "config OK" in proc.stderr
+
+
+# ---- redaction of values that can hold secrets but are not Secret fields --------------------------
+
+
+def test_redacted_hides_webhook_plugin_options_and_url_credentials() -> None:
+    data = deep_merge(
+        base(),
+        {
+            "budgets": {"alerts": {"webhook_url": "https://hooks.example.com/services/T0K3N-webhook-77"}},
+            "providers": {
+                "up": {"api_base": "https://apiuser:api-pass-s3cret-55@llm.example.com:8443/v1"},
+                "oai": {"api_base": "https://tok-only-user-66@llm2.example.com/v1"},
+            },
+            "store": {"backend": "redis", "url": "redis://:redis-pass-s3cret-44@127.0.0.1:6379/0",
+                      "path": None},
+        },
+    )
+    data["plugins"] = [
+        {"name": "metrics"},
+        {"name": "access"},
+        {"path": "mypkg.plugins:Thing", "options": {"token": "opt-s3cret-33", "nested": {"k": "opt-n-22"},
+                                                      "n": 5}},
+    ]
+    out = redacted(settings_from_dict(data))
+    dumped = yaml.safe_dump(out)
+    for secret in ("T0K3N-webhook-77", "api-pass-s3cret-55", "tok-only-user-66", "redis-pass-s3cret-44",
+                   "opt-s3cret-33", "opt-n-22"):
+        assert secret not in dumped, secret
+    # what is not secret stays readable
+    assert out["budgets"]["alerts"]["webhook_url"].startswith("https://hooks.example.com/")
+    assert out["providers"]["up"]["api_base"] == "https://apiuser:**********@llm.example.com:8443/v1"
+    assert out["providers"]["oai"]["api_base"] == "https://**********@llm2.example.com/v1"
+    assert out["providers"]["azure"]["api_base"] == "http://127.0.0.1:9"
+    assert out["store"]["url"] == "redis://:**********@127.0.0.1:6379/0"
+    assert set(out["plugins"][2]["options"]) == {"token", "nested", "n"}
+    assert all(v == "**********" for v in out["plugins"][2]["options"].values())
+    assert out["plugins"][2]["path"] == "mypkg.plugins:Thing"
+
+
+def test_redacted_leaves_unset_and_plain_values() -> None:
+    out = redacted(settings_from_dict(base()))
+    assert out["budgets"]["alerts"]["webhook_url"] is None
+    assert out["providers"]["up"]["api_base"] == "http://127.0.0.1:9/v1"
+
+
+# ---- the README's config reference is a valid config -----------------------------------------------
+
+
+def _readme_config_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert match is not None, "no ```yaml block in the README's Configuration section"
+    return match.group(1)
+
+
+def test_readme_config_reference_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    block = _readme_config_block()
+    for name in set(re.findall(r"\$\{(\w+)", block)):
+        monkeypatch.setenv(name, f"sk-readme-{name.lower()}-0001")
+    f = tmp_path / "readme.yaml"
+    f.write_text(block, encoding="utf-8")
+    settings = load_settings(f)  # as `tollway serve` reads a file: YAML parsing, then settings_from_dict
+    # the keys the reference must document
+    gpt = settings.models["gpt-4o-mini"]
+    assert gpt.owned_by == "openai"
+    assert gpt.retry is not None
+    assert [f.model for f in gpt.fallbacks] == ["claude-sonnet"]
+    assert gpt.fallbacks[0].on == ["rate_limit", "server_error", "timeout", "unavailable"]
+    # and what `serve` checks on top (prices, plugins): what check-config runs
+    from gateway.app import check_config
+
+    prices = check_config(settings)
+    assert set(prices) == set(settings.models)

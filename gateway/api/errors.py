@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 
 from aiohttp import web
@@ -49,8 +50,26 @@ def _request_id_source() -> Iterator[str]:
 _request_ids = _request_id_source()
 
 
-def render(request: web.Request, e: GatewayError) -> web.Response:
-    headers = {"Content-Type": "application/json", "x-request-id": request_id_of(request)}
+def overhead_header(seconds: float) -> str:
+    """The value of `x-tollway-overhead-ms` for `seconds` of the gateway's own time."""
+    return f"{seconds * 1000:.3f}"
+
+
+def _overhead_s(request: web.Request, t0: float | None) -> float:
+    """Gateway time so far, upstream time excluded: from the request's context when a handler
+    made one, else since `t0` (when the error boundary saw the request)."""
+    ctx = request_ctx(request)
+    if ctx is not None:
+        return ctx.elapsed() - ctx.upstream_s
+    return time.perf_counter() - t0 if t0 is not None else 0.0
+
+
+def render(request: web.Request, e: GatewayError, t0: float | None = None) -> web.Response:
+    headers = {
+        "Content-Type": "application/json",
+        "x-request-id": request_id_of(request),
+        "x-tollway-overhead-ms": overhead_header(_overhead_s(request, t0)),
+    }
     ctx = request_ctx(request)
     if ctx is not None and ctx.response_headers:
         headers.update(ctx.response_headers)
@@ -78,21 +97,31 @@ def _from_http(request: web.Request, e: web.HTTPException) -> GatewayError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Renders every failure; also gives the responses of handlers that set no `x-request-id`
+    (health, metrics, admin) that header and `x-tollway-overhead-ms`, so every response has both.
+    The OpenAI handlers set them themselves (a stream's are sent before this returns)."""
+    t0 = time.perf_counter()
     try:
-        return await handler(request)
+        resp = await handler(request)
     except GatewayError as e:
-        return render(request, e)
+        return render(request, e, t0)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return render(request, _from_http(request, e))
+        return render(request, _from_http(request, e), t0)
     except StoreUnavailable:
         return render(
             request,
             ServiceUnavailable(
                 "The gateway's store is unreachable; try again shortly.", code="store_unavailable"
             ),
+            t0,
         )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return render(request, InternalError("The gateway hit an internal error."))
+        return render(request, InternalError("The gateway hit an internal error."), t0)
+    if not resp.prepared and "x-request-id" not in resp.headers:
+        h = resp.headers
+        h["x-request-id"] = request_id_of(request)
+        h["x-tollway-overhead-ms"] = overhead_header(_overhead_s(request, t0))
+    return resp

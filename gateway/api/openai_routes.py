@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.errors import incoming_request_id
+from gateway.api.errors import incoming_request_id, overhead_header
 from gateway.api.keys import CTX, PIPELINE, ROUTER, SETTINGS
 from gateway.api.streaming import CAPTURE, relay_stream
 from gateway.errors import GatewayError, ModelNotFound
@@ -19,10 +19,6 @@ from gateway.routing import ModelRoute, Router
 from gateway.wire import requests as wire
 
 _JSON = "application/json"
-
-
-def _overhead_header(seconds: float) -> str:
-    return f"{seconds * 1000:.3f}"
 
 
 class OpenAIRoutes:
@@ -117,7 +113,7 @@ class OpenAIRoutes:
         headers = {
             "Content-Type": _JSON,
             "x-request-id": ctx.request_id,
-            "x-tollway-overhead-ms": _overhead_header(overhead),
+            "x-tollway-overhead-ms": overhead_header(overhead),
         }
         if reply.headers:
             headers.update(reply.headers)
@@ -151,7 +147,7 @@ class OpenAIRoutes:
         headers = {
             "Content-Type": _JSON,
             "x-request-id": ctx.request_id,
-            "x-tollway-overhead-ms": _overhead_header(ctx.overhead_s),
+            "x-tollway-overhead-ms": overhead_header(ctx.overhead_s),
             **sc.headers,
             **(ctx.response_headers or {}),
         }
@@ -185,9 +181,15 @@ class OpenAIRoutes:
                     )
                 obj = self._model_obj(route)
             ctx.status = 200
+            body = orjson.dumps(obj)
+            ctx.overhead_s = ctx.elapsed()  # no upstream: all of it is the gateway's own time
             return web.Response(
-                body=orjson.dumps(obj),
-                headers={"Content-Type": _JSON, "x-request-id": ctx.request_id},
+                body=body,
+                headers={
+                    "Content-Type": _JSON,
+                    "x-request-id": ctx.request_id,
+                    "x-tollway-overhead-ms": overhead_header(ctx.overhead_s),
+                },
             )
         except GatewayError as e:
             ctx.error = e
