@@ -45,9 +45,19 @@ class ServerSettings(Strict):
 class Timeouts(Strict):
     connect_s: float = Field(5.0, gt=0)
     read_s: float = Field(120.0, gt=0)
-    """Idle read: the longest gap allowed between two upstream reads (also time to first byte)."""
+    """Idle read: the longest gap allowed between two upstream reads."""
+    first_byte_s: float | None = Field(None, gt=0)
+    """Time to first byte, from sending the request: a non-streaming answer's headers and the
+    start of its body; a stream's first content (OpenAI: its first `data:` event; Anthropic: its
+    first content block — `message_start` and `ping` do not count, so pings cannot keep a stream
+    that never starts alive). A timeout is a retryable 504. None: `read_s`."""
     total_s: float = Field(600.0, gt=0)
-    """Whole non-streaming request; streams are bounded by the idle read timeout only."""
+    """Whole non-streaming request; streams are bounded by the first-byte and idle read timeouts."""
+
+    @property
+    def first_byte(self) -> float:
+        """The effective time-to-first-byte limit in seconds."""
+        return self.read_s if self.first_byte_s is None else self.first_byte_s
 
 
 class MockSettings(Strict):
@@ -130,6 +140,18 @@ class FallbackSettings(Strict):
     on: list[FallbackOn] = Field(default_factory=lambda: list(_DEFAULT_FALLBACK_ON))
     """Which failures of the model lead here: `context_length` sends too-long prompts to a
     larger-context model; the others fire when every deployment failed or is open."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        """YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean True: take it as `on`."""
+        if isinstance(data, dict) and True in data:
+            data = dict(data)
+            value = data.pop(True)
+            if "on" in data:
+                raise ValueError("`on` is given twice")
+            data["on"] = value
+        return data
 
 
 class RetrySettings(Strict):
@@ -408,13 +430,36 @@ def load_settings(path: str | Path) -> Settings:
     return settings_from_dict(data, str(p))
 
 
+_HIDDEN = "**********"
+
+
+def _hide_userinfo(url: str | None) -> str | None:
+    """`url` with a password (or a bare user part, which may be a token) replaced by _HIDDEN."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:{_HIDDEN}" if colon else _HIDDEN
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The settings as plain data with every secret, and every provider header value, hidden."""
+    """The settings as plain data with every secret hidden, and every value that may hold one:
+    provider header values, credentials in URLs, the alert webhook's path (its token), every
+    plugin option."""
     data = settings.model_dump(mode="json")
     for p in data.get("providers", {}).values():
-        p["headers"] = {k: "**********" for k in p.get("headers", {})}
-    url = urlsplit(data["store"]["url"])
-    if url.password:
-        netloc = f"{url.username or ''}:**********@{url.hostname}" + (f":{url.port}" if url.port else "")
-        data["store"]["url"] = urlunsplit(url._replace(netloc=netloc))
+        p["headers"] = {k: _HIDDEN for k in p.get("headers", {})}
+        p["api_base"] = _hide_userinfo(p.get("api_base"))
+    data["store"]["url"] = _hide_userinfo(data["store"]["url"])
+    alerts = data["budgets"]["alerts"]
+    if alerts.get("webhook_url"):
+        hook = urlsplit(alerts["webhook_url"])
+        host = hook.netloc.rpartition("@")[2]
+        alerts["webhook_url"] = f"{hook.scheme}://{host}/{_HIDDEN}" if hook.scheme and host else _HIDDEN
+    for ref in data.get("plugins", []):
+        ref["options"] = {k: _HIDDEN for k in ref.get("options") or {}}
     return data

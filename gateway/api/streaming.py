@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.errors import BadGateway, GatewayError
 from gateway.pipeline import Pipeline, RequestContext
+from gateway.pipeline.context import STREAM_END
 from gateway.providers.base import UpstreamStream
 from gateway.wire.sse import KEEPALIVE, StreamRelay, error_event
 
@@ -141,6 +142,7 @@ async def relay_stream(
     down = _Downstream(request, ctx, t_upstream, keepalive_s)
     failure: GatewayError | None = None
     capture: list[bytes] | None = ctx.state.get(CAPTURE)
+    ended = False
     try:
         try:
             async for data in upstream:
@@ -153,6 +155,8 @@ async def relay_stream(
                     await down.write(out)
                 if relay.done:
                     break
+            else:
+                ended = True  # the upstream body ended (with or without [DONE])
         except GatewayError as e:
             if not down.started:
                 raise
@@ -166,6 +170,13 @@ async def relay_stream(
             down.stop()
             ctx.usage = relay.usage
             ctx.state["stream.events"] = relay.events
+            # How the upstream's stream ended, for the router's verdict on the deployment.
+            if relay.done:
+                ctx.state[STREAM_END] = "done"
+            elif relay.saw_error:
+                ctx.state[STREAM_END] = "error"
+            elif ended:
+                ctx.state[STREAM_END] = "cut"
             await upstream.aclose()
         if failure is None and not relay.done:
             failure = (

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 Endpoint = Literal["chat", "completions", "embeddings", "models"]
 
 
+STREAM_END = "stream.end"
+"""`ctx.state` key the client relay sets when it stops reading an upstream stream: "done"
+(`[DONE]`), "error" (an in-band error event: OpenAI `data: {"error": …}`, or what an Anthropic
+`error` event becomes) or "cut" (the body ended without `[DONE]`); absent when the client went
+away first. The router reads it to judge the deployment."""
+
+
 @dataclass(slots=True, frozen=True)
 class Principal:
     """Who is calling: the team and key a client credential resolved to."""

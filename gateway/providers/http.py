@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 import aiohttp
 
@@ -27,11 +29,21 @@ def transport_error(provider: str, e: BaseException, stage: str) -> GatewayError
 
 
 def client_timeouts(t: Timeouts) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-    """aiohttp timeouts (non-streaming, streaming): connect; idle read (which also bounds the time
-    to the first byte); a total only for a whole non-streaming call (a stream may last minutes)."""
+    """aiohttp timeouts (non-streaming, streaming): connect; idle read; a total only for a whole
+    non-streaming call (a stream may last minutes). The time to first byte is not aiohttp's: see
+    `HttpProvider._post` (non-streaming) and the router (streams, up to their first content)."""
     return (
         aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.read_s),
         aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s),
+    )
+
+
+def first_byte_timeout(provider: str, seconds: float) -> GatewayError:
+    """The upstream sent nothing useful within its time-to-first-byte limit (a retryable 504)."""
+    log.warning("provider %s: no first byte within %.3gs", provider, seconds)
+    return UpstreamTimeout(
+        f"The upstream provider {provider} sent no first byte within {seconds:g}s.",
+        code="upstream_first_byte_timeout",
     )
 
 
@@ -62,6 +74,10 @@ class HttpProvider(Provider):
         self._timeouts = client_timeouts(settings.timeouts)
         self._dep_timeouts: dict[int, tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._body_deadlines: weakref.WeakKeyDictionary[aiohttp.ClientResponse, tuple[float, float]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Non-streaming answers whose body must begin by a loop time: (that time, first_byte_s)."""
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -89,14 +105,35 @@ class HttpProvider(Provider):
     async def _post(
         self, url: str, req: UpstreamRequest, data: bytes, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        """POST with the provider's headers plus `headers`; connection failures → GatewayErrors."""
+        """POST with the provider's headers plus `headers`; connection failures → GatewayErrors.
+
+        A non-streaming request with an explicit `first_byte_s` must get its headers, then the
+        start of its body (see `_read_body`), within that time. (Without one, aiohttp's idle read
+        timeout already bounds the wait for the headers; streams: the router times their first
+        content.)"""
         session = self._session
         if session is None:
             raise UpstreamUnavailable(f"provider {self.name} is not started")
+        first_byte_s = None if req.stream else (req.timeouts or self.settings.timeouts).first_byte_s
         try:
-            return await session.post(
-                url, data=data, headers={**self._headers, **headers}, timeout=self._timeout(req)
-            )
+            if first_byte_s is None:
+                return await session.post(
+                    url, data=data, headers={**self._headers, **headers}, timeout=self._timeout(req)
+                )
+            deadline = asyncio.get_running_loop().time() + first_byte_s
+            cm = asyncio.timeout_at(deadline)
+            try:
+                async with cm:
+                    resp = await session.post(
+                        url, data=data, headers={**self._headers, **headers}, timeout=self._timeout(req)
+                    )
+            except TimeoutError:
+                if cm.expired():
+                    raise first_byte_timeout(self.name, first_byte_s) from None
+                raise  # aiohttp's own (connect or total) timeout
+            if resp.status < 400:
+                self._body_deadlines[resp] = (deadline, first_byte_s)
+            return resp
         except (TimeoutError, aiohttp.ClientError) as e:
             raise transport_error(self.name, e, "before responding") from e
 
@@ -111,8 +148,22 @@ class HttpProvider(Provider):
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body of a 2xx answer; on any failure the connection is dropped, not reused."""
+        first_byte = self._body_deadlines.pop(resp, None)
         try:
-            raw = await resp.read()
+            if first_byte is not None and not resp.content.is_eof():
+                deadline, first_byte_s = first_byte
+                cm = asyncio.timeout_at(deadline)
+                try:
+                    async with cm:
+                        start = await resp.content.readany()  # the body has begun
+                except TimeoutError:
+                    if not cm.expired():
+                        raise
+                    resp.close()
+                    raise first_byte_timeout(self.name, first_byte_s) from None
+                raw = start + await resp.read()
+            else:
+                raw = await resp.read()
         except (TimeoutError, aiohttp.ClientError) as e:
             resp.close()
             raise transport_error(self.name, e, "while sending its answer") from e

@@ -5,7 +5,9 @@ deployments and exhausted quotas), retrying retryable failures (429, 5xx, timeou
 errors — never 4xx) with full-jitter backoff or the upstream's retry-after, within an attempt
 budget and an overall deadline; when every deployment failed or is unavailable, go down the
 model's ordered fallbacks whose rules match the failure. A stream counts as answered at its
-first chunk: until then it can be retried or fall back; after it, nothing is retried.
+first chunk: until then it can be retried or fall back; after it, nothing is retried, but how it
+ended (`[DONE]`, an in-band error, a cut) is still the attempt's outcome. A deployment that
+answered 429 with a retry-after cools down that long (capped): the picker skips it meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pipeline.context import Endpoint, RequestContext, Usage
+from gateway.pipeline.context import STREAM_END, Endpoint, RequestContext, Usage
 from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
+from gateway.providers.http import first_byte_timeout
 from gateway.routing.breaker import BreakerBoard, CircuitBreaker
 from gateway.settings import FallbackSettings, ModelSettings, RetrySettings, Settings, Timeouts
 from gateway.store.base import Store, StoreUnavailable
@@ -43,7 +46,15 @@ log = logging.getLogger("tollway.router")
 
 _STATE_CODE = {"closed": 0, "half_open": 1, "open": 2}
 _SYNC_EVERY_S = 1.0
-_DEPLOYMENT_FAILURES = frozenset({"rate_limit", "server_error", "timeout", "unavailable", "stream_broken"})
+_DEPLOYMENT_FAILURES = frozenset(
+    {"rate_limit", "server_error", "timeout", "unavailable", "stream_broken", "stream_error"}
+)
+LATENCY_EXPLORE = 0.05
+"""lowest_latency: the share of requests sent to another healthy deployment than the fastest, so a
+deployment that was slow once is measured again (and wins back its traffic once it is fast)."""
+LATENCY_STALE_S = 60.0
+"""A latency average whose last sample is older than this is replaced by the next sample, not
+blended with it: an old measurement says little about now."""
 
 
 class _DeadlineExceeded(UpstreamTimeout):
@@ -65,8 +76,14 @@ class Deployment:
     provider_tpm: int
     max_queue_s: float
     breaker: CircuitBreaker
+    first_byte_s: float = 120.0
+    """Streams: the longest wait for the first content (the deployment's or provider's timeouts)."""
     in_flight: int = 0
     ewma_ttft: float | None = None
+    ewma_at: float = 0.0
+    """Monotonic time of the latest latency sample."""
+    cooldown_until: float = 0.0
+    """Monotonic time until which a 429's retry-after keeps the picker away."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +107,18 @@ class _Attempts:
     count: int = 0
     last_error: GatewayError | None = None
     tried: list[str] = field(default_factory=list)
+    queued_s: float = 0.0
+    """Time spent waiting for provider quotas so far (bounded by the providers' max_queue_s)."""
+
+
+@dataclass(slots=True)
+class RoutedRequest(UpstreamRequest):
+    """An UpstreamRequest with what the router knows of the client (adapters read it with
+    getattr, so a plain UpstreamRequest still works)."""
+
+    client_wants_usage: bool = False
+    """The client asked for usage (`stream_options.include_usage`); the body always asks the
+    upstream for it, for the gateway's own accounting."""
 
 
 def failure_kind(e: GatewayError) -> str | None:
@@ -124,6 +153,14 @@ def _stream_error(dep: Deployment, first: bytes) -> GatewayError:
     )
 
 
+def _first_data_line(data: bytes) -> int:
+    """Where the first line starting with `data:` begins in `data` (-1: none yet)."""
+    if data.startswith(b"data:"):
+        return 0
+    found = [i + 1 for i in (data.find(b"\ndata:"), data.find(b"\rdata:")) if i >= 0]
+    return min(found) if found else -1
+
+
 def retry_after_s(e: GatewayError) -> float | None:
     h = e.headers
     try:
@@ -137,7 +174,13 @@ def retry_after_s(e: GatewayError) -> float | None:
 
 
 class _RoutedStream:
-    """The chosen upstream stream, its first chunk already read; reports the outcome on close."""
+    """The chosen upstream stream, its first chunk already read; reports the outcome on close.
+
+    The outcome is how the stream ended, as the client relay judged it (its `StreamRelay` parses
+    the bytes once, and it leaves its verdict in `ctx.state[STREAM_END]`): `[DONE]` is a
+    success; an in-band error event is `stream_error`; a failure raised while reading, or an end
+    of the body without `[DONE]`, is `stream_broken`. Closed before any of these (the client went
+    away) says nothing against the deployment."""
 
     __slots__ = ("_closed", "_ctx", "_dep", "_failed", "_first", "_router", "_stream")
 
@@ -166,12 +209,24 @@ class _RoutedStream:
             self._failed = True
             raise
 
+    @property
+    def outcome(self) -> str | None:
+        """The attempt's outcome as of now (None: success, or nothing to hold against it)."""
+        if self._failed:
+            return "stream_broken"
+        end = self._ctx.state.get(STREAM_END)
+        if end == "error":
+            return "stream_error"
+        if end == "cut":
+            return "stream_broken"
+        return None
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._dep.in_flight -= 1
-        self._router._outcome(self._dep, None if not self._failed else "stream_broken")
+        self._router._outcome(self._dep, self.outcome)
         if "route.tpm" in self._ctx.state:
             u = self._ctx.usage  # the relay sets it before closing the upstream
             self._router._correct_tpm(self._ctx, u.total_tokens if u else None)
@@ -231,6 +286,7 @@ class Router:
                     max_concurrency=d.max_concurrency, timeouts=d.timeouts,
                     provider_rpm=p.rpm, provider_tpm=p.tpm, max_queue_s=p.max_queue_s,
                     breaker=self.breakers.get(dname),
+                    first_byte_s=(d.timeouts or p.timeouts).first_byte,
                 )
                 self.deployments[dname] = dep
             deps.append(dep)
@@ -299,14 +355,19 @@ class Router:
 
     # ---- choosing a deployment ----------------------------------------------------------------
 
+    @staticmethod
+    def _usable(d: Deployment, exclude: set[str], now: float) -> bool:
+        """Not excluded, below its concurrency cap, breaker not open (cooling or not)."""
+        return (
+            d.name not in exclude
+            and (d.max_concurrency == 0 or d.in_flight < d.max_concurrency)
+            and d.breaker.state_at(now) != "open"
+        )
+
     def _pick(self, route: ModelRoute, exclude: set[str], now: float) -> Deployment | None:
         while True:
             cands = [
-                d
-                for d in route.deployments
-                if d.name not in exclude
-                and (d.max_concurrency == 0 or d.in_flight < d.max_concurrency)
-                and d.breaker.state_at(now) != "open"
+                d for d in route.deployments if d.cooldown_until <= now and self._usable(d, exclude, now)
             ]
             if not cands:
                 return None
@@ -329,12 +390,21 @@ class Router:
             unexplored = [d for d in cands if d.ewma_ttft is None]
             if unexplored:
                 return random.choice(unexplored)
-            return min(cands, key=lambda d: d.ewma_ttft or 0.0)
+            best = min(cands, key=lambda d: d.ewma_ttft or 0.0)
+            if random.random() < LATENCY_EXPLORE:
+                # Measure another one again: a deployment slow once is not slow forever.
+                return random.choice([d for d in cands if d is not best])
+            return best
         cum = list(accumulate(d.weight for d in cands))
         return cands[min(bisect_right(cum, random.random() * cum[-1]), len(cands) - 1)]
 
     async def _quota_wait(self, ctx: RequestContext, dep: Deployment) -> float:
-        """Seconds until this deployment's (and its provider's) quota has room; 0: counted now."""
+        """Seconds until this deployment's (and its provider's) quota has room; 0: counted now.
+
+        The provider-wide limiter is asked first, so a refusal from it counts nothing anywhere.
+        When the deployment's own limiter then refuses, the provider's count (which cannot be
+        taken back) is held for this request's next try on that provider instead of being
+        counted again; its tokens are corrected with the rest once the real usage is known."""
         store = self.store
         if store is None or not (dep.rpm or dep.tpm or dep.provider_rpm or dep.provider_tpm):
             return 0.0
@@ -345,22 +415,30 @@ class Router:
                 max_output_tokens(ctx.body) or 0
             )
         now = time.time()
-        counted: list[str] = []
+        held: dict[str, tuple[float, bool]] = ctx.state.setdefault("route.quota_held", {})
+        counted: list[tuple[str, float, bool]] = []  # (limiter, time counted, counts tokens)
         try:
             for name, rpm, tpm in (
-                ("deployment:" + dep.name, dep.rpm, dep.tpm),
                 ("provider:" + dep.provider_name, dep.provider_rpm, dep.provider_tpm),
+                ("deployment:" + dep.name, dep.rpm, dep.tpm),
             ):
-                if rpm or tpm:
-                    wait = await store.rate_hit(name, rpm, tpm, tokens, now)
-                    if wait > 0:
-                        return wait
-                    if tpm:
-                        counted.append(name)
+                if not (rpm or tpm):
+                    continue
+                prior = held.pop(name, None)
+                if prior is not None:
+                    counted.append((name, *prior))  # counted by an earlier try of this request
+                    continue
+                wait = await store.rate_hit(name, rpm, tpm, tokens, now)
+                if wait > 0:
+                    for n, at, has_tpm in counted:
+                        held[n] = (at, has_tpm)
+                    return wait
+                counted.append((name, now, bool(tpm)))
         except StoreUnavailable:
             return 0.0  # quotas fail open: the provider's own limits still apply
-        if counted:
-            ctx.state["route.tpm"] = (counted, now, tokens)
+        with_tpm = [(n, at) for n, at, has_tpm in counted if has_tpm]
+        if with_tpm:
+            ctx.state["route.tpm"] = (with_tpm, tokens)
         return 0.0
 
     def _correct_tpm(self, ctx: RequestContext, actual: int | None) -> None:
@@ -368,10 +446,10 @@ class Router:
         hit = ctx.state.pop("route.tpm", None)
         if hit is None or actual is None or self.store is None:
             return
-        names, now, estimate = hit
-        for name in names:
+        limiters, estimate = hit
+        for name, at in limiters:
             task = asyncio.get_running_loop().create_task(
-                self.store.rate_adjust(name, actual - estimate, now)
+                self.store.rate_adjust(name, actual - estimate, at)
             )
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -383,9 +461,9 @@ class Router:
         ctx.deployment = dep.name
         body = ctx.body
         body["model"] = dep.upstream_model
-        return UpstreamRequest(
+        return RoutedRequest(
             endpoint=ctx.endpoint, body=body, upstream_model=dep.upstream_model, stream=stream,
-            request_id=ctx.request_id, timeouts=dep.timeouts,
+            request_id=ctx.request_id, timeouts=dep.timeouts, client_wants_usage=ctx.client_wants_usage,
         )
 
     def _attempt_counter(self, deployment: str, outcome: str) -> Any:
@@ -411,7 +489,12 @@ class Router:
 
     def _ttft(self, dep: Deployment, seconds: float) -> None:
         a = self._alpha
-        dep.ewma_ttft = seconds if dep.ewma_ttft is None else a * seconds + (1 - a) * dep.ewma_ttft
+        now = time.monotonic()
+        if dep.ewma_ttft is None or now - dep.ewma_at > LATENCY_STALE_S:
+            dep.ewma_ttft = seconds
+        else:
+            dep.ewma_ttft = a * seconds + (1 - a) * dep.ewma_ttft
+        dep.ewma_at = now
 
     async def complete(self, ctx: RequestContext, route: ModelRoute) -> Reply:
         result = await self._route(ctx, route, stream=False)
@@ -455,22 +538,12 @@ class Router:
                 self._correct_tpm(ctx, u.total_tokens if u else None)
             return reply
         try:
-            upstream = await dep.provider.open_stream(req)
             try:
-                first = await upstream.__anext__()
-            except StopAsyncIteration:
-                await upstream.aclose()
-                raise UpstreamUnavailable(
-                    f"The upstream provider {dep.provider_name} closed the stream before sending "
-                    "anything."
-                ) from None
-            except BaseException:
-                await upstream.aclose()
-                raise
-            if first.startswith(b'data: {"error"') or first.startswith(b'data:{"error"'):
-                # Failed before producing anything: still time to retry or fall back.
-                await upstream.aclose()
-                raise _stream_error(dep, first)
+                async with asyncio.timeout(dep.first_byte_s):
+                    upstream = await dep.provider.open_stream(req)
+                    first = await self._first_data(dep, upstream)
+            except TimeoutError:
+                raise first_byte_timeout(dep.provider_name, dep.first_byte_s) from None
         except asyncio.CancelledError:
             dep.in_flight -= 1
             dep.breaker.release_probe()
@@ -480,6 +553,33 @@ class Router:
             raise
         self._ttft(dep, time.monotonic() - t0)
         return _RoutedStream(self, ctx, dep, upstream, first)
+
+    @staticmethod
+    async def _first_data(dep: Deployment, upstream: UpstreamStream) -> bytes:
+        """A stream's bytes up to its first `data:` event (comments before it do not count);
+        the stream is closed if that fails, or if the first event is an in-band error."""
+        first = b""
+        try:
+            while True:
+                try:
+                    first += await upstream.__anext__()
+                except StopAsyncIteration:
+                    raise UpstreamUnavailable(
+                        f"The upstream provider {dep.provider_name} closed the stream before sending "
+                        "anything."
+                    ) from None
+                at = _first_data_line(first)
+                if at >= 0:
+                    break
+        except BaseException:
+            await upstream.aclose()
+            raise
+        event = first[at:]
+        if event.startswith(b'data: {"error"') or event.startswith(b'data:{"error"'):
+            # Failed before producing anything: still time to retry or fall back.
+            await upstream.aclose()
+            raise _stream_error(dep, event)
+        return first
 
     async def _route(self, ctx: RequestContext, route: ModelRoute, stream: bool) -> Reply | _RoutedStream:
         retry = route.retry
@@ -495,7 +595,6 @@ class Router:
             if current is not route:
                 if att.count >= att.max or time.monotonic() >= att.deadline:
                     break
-                self.fallbacks.labels(route.public_name, current.public_name).inc()
                 log.info("request %s falls back from %s to %s", ctx.request_id, route.public_name,
                          current.public_name)
             try:
@@ -503,6 +602,7 @@ class Router:
             except GatewayError as e:
                 kind = failure_kind(e)
                 if kind is None:
+                    self._headers(ctx, current, route, att)
                     raise  # a client error: no retry, no fallback
                 att.last_error = e
                 for fb in current.fallbacks:
@@ -510,6 +610,8 @@ class Router:
                         seen.add(fb.model)
                         chain.append(self.routes[fb.model])
                 continue
+            if current is not route:  # counted once the fallback answered
+                self.fallbacks.labels(route.public_name, current.public_name).inc()
             self._headers(ctx, current, route, att)
             return result
         assert att.last_error is not None
@@ -543,6 +645,23 @@ class Router:
                 break
             dep = self._pick(route, exclude, now)
             if dep is None:
+                cooling = [
+                    d for d in route.deployments if d.cooldown_until > now and self._usable(d, exclude, now)
+                ]
+                if cooling:
+                    # Rate-limited with a retry-after: a matching fallback, else wait it out (it is
+                    # capped by max_retry_after_s), as a retry of the 429 itself would have.
+                    wait = min(d.cooldown_until for d in cooling) - now
+                    if now + wait >= att.deadline or any("rate_limit" in fb.on for fb in route.fallbacks):
+                        if last is None:
+                            last = RateLimited(
+                                f"Every deployment of `{route.public_name}` is rate-limited; try again "
+                                f"in {wait:.1f}s.",
+                                headers={"retry-after": str(max(1, round(wait)))},
+                            )
+                        break
+                    await asyncio.sleep(wait)
+                    continue
                 # Every deployment failed or is unavailable. With fallbacks, they get the turn;
                 # without, back off and give the deployments another round.
                 if (
@@ -564,10 +683,13 @@ class Router:
             if wait > 0:
                 exclude.add(dep.name)
                 dep.breaker.release_probe()  # it was not used: the next caller may probe
-                if wait <= dep.max_queue_s and now + wait < att.deadline and not self._others(
-                    route, exclude, now
+                if (
+                    att.queued_s + wait <= dep.max_queue_s  # "queue briefly": in all, per request
+                    and now + wait < att.deadline
+                    and not self._others(route, exclude, now)
                 ):
                     await asyncio.sleep(wait)
+                    att.queued_s += time.monotonic() - now
                     exclude.discard(dep.name)
                 elif last is None:
                     last = RateLimited(
@@ -595,6 +717,10 @@ class Router:
                 last = e
                 failures_here += 1
                 ra = retry_after_s(e)
+                if kind == "rate_limit" and ra is not None and ra > 0:
+                    # Keep every request away from it for that long, not only this one.
+                    until = time.monotonic() + min(ra, retry.max_retry_after_s)
+                    dep.cooldown_until = max(dep.cooldown_until, until)
                 if not e.retryable or (ra is not None and ra > retry.max_retry_after_s):
                     # It said not to retry (exhausted account) or asked for a long pause: use the
                     # other deployments, or the fallbacks.
@@ -616,12 +742,8 @@ class Router:
         raise last
 
     def _others(self, route: ModelRoute, exclude: set[str], now: float) -> bool:
-        return any(
-            d.name not in exclude
-            and (d.max_concurrency == 0 or d.in_flight < d.max_concurrency)
-            and d.breaker.state_at(now) != "open"
-            for d in route.deployments
-        )
+        """Is another deployment ready now (not excluded, full, open nor cooling down)?"""
+        return any(d.cooldown_until <= now and self._usable(d, exclude, now) for d in route.deployments)
 
     @staticmethod
     def _backoff(retry: RetrySettings, n: int, e: GatewayError) -> float | None:

@@ -306,9 +306,15 @@ def test_error_fixtures_translate_exactly(case: dict[str, Any]) -> None:
     assert orjson.loads(err.body()) == exp["body"]
     assert err.headers == exp["headers"]
     assert err.type == exp["body"]["error"]["type"]
+    # A rejected gateway key (401/403 → 502 upstream_auth_failed) is not retried: the same key
+    # will not work a moment later (another deployment may still be tried), as on OpenAI.
+    auth_failed = exp["body"]["error"]["code"] == "upstream_auth_failed"
     assert err.retryable == (
-        exp["status"] >= 500 or (exp["status"] == 429 and "x-should-retry" not in exp["headers"])
+        not auth_failed
+        and (exp["status"] >= 500 or (exp["status"] == 429 and "x-should-retry" not in exp["headers"]))
     )
+    if case["status"] in (401, 403):
+        assert auth_failed and not err.retryable
     if exp["status"] < 500:
         assert isinstance(err, UpstreamError)
 
@@ -383,6 +389,36 @@ def test_without_include_usage_there_is_no_usage_at_all() -> None:
     out, _ = run_stream((FIXTURES / "stream_text.sse").read_bytes(), include_usage=False)
     assert b'"usage"' not in out and b'"choices":[]' not in out
     assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_usage_chunk_for_the_gateway_without_usage_fields_for_the_client() -> None:
+    """The gateway asks for usage (its accounting) when the client did not: the final usage chunk
+    is produced (the relay drops it for the client) but no chunk carries `"usage": null`."""
+    raw = (FIXTURES / "stream_text.sse").read_bytes()
+    tr = StreamTranslator(
+        provider="anth", model="claude-upstream", created=CREATED, include_usage=False, usage_chunk=True
+    )
+    out = tr.feed(raw) + tr.end()
+    events = [orjson.loads(x[6:]) for x in out.split(b"\n\n") if x.startswith(b"data: {")]
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_started_waits_for_content_not_message_start_or_pings() -> None:
+    """`started` is the time-to-first-byte mark: a content block (or the end of the message)."""
+    tr = translator()
+    tr.feed(
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"m",'
+        b'"usage":{"input_tokens":1}}}\n\n' + b'event: ping\ndata: {"type":"ping"}\n\n' * 3
+    )
+    assert tr.chunks == 1 and not tr.started  # the role chunk only
+    tr.feed(
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"thinking","thinking":""}}\n\n'
+    )
+    assert tr.started  # thinking is output too, even though it produces no OpenAI chunk
+    assert tr.chunks == 1
 
 
 def test_tool_call_without_arguments_gets_an_empty_object() -> None:

@@ -116,8 +116,10 @@ class AnthropicAdapter(HttpProvider):
         return Reply(status=200, body=orjson.dumps(parsed), parsed=parsed)
 
     async def open_stream(self, req: UpstreamRequest) -> UpstreamStream:
-        """Returns once the first OpenAI chunk is ready, so an `error` event that arrives before any
-        output (an overload right after the 200) is raised here, where the router can still retry."""
+        """Returns once the answer has begun (a content block started, or the message ended):
+        `message_start` and `ping` alone do not count, so an `error` event that arrives before
+        any content (an overload right after the 200) is raised here, where the router can still
+        retry, and the router's time-to-first-byte limit covers a stream that only pings."""
         data = self._body(req)
         resp = await self._post(self._url, req, data, {"Accept": "text/event-stream"})
         if resp.status >= 400:
@@ -130,18 +132,23 @@ class AnthropicAdapter(HttpProvider):
                 code="upstream_invalid_response",
             )
         so = req.body.get("stream_options")
+        # The gateway asks every upstream for usage (its own accounting); whether the client did
+        # decides the `"usage": null` fields (the router says so; its relay drops the usage chunk).
+        usage = isinstance(so, dict) and so.get("include_usage") is True
+        client_usage = getattr(req, "client_wants_usage", None)
         tr = StreamTranslator(
             provider=self.name,
             model=req.upstream_model,
             created=int(time.time()),
-            include_usage=isinstance(so, dict) and so.get("include_usage") is True,
+            include_usage=usage if not isinstance(client_usage, bool) else client_usage,
+            usage_chunk=usage,
         )
         try:
             first = b""
-            while not first and not tr.finished:
+            while not tr.started and not tr.finished:
                 chunk = await read_chunk(resp, self.name)
-                first = tr.feed(chunk) if chunk else tr.end()
-                if tr.error is not None and tr.chunks == 0:
+                first += tr.feed(chunk) if chunk else tr.end()
+                if tr.error is not None and not tr.started:
                     raise tr.error
         except BaseException:
             resp.close()

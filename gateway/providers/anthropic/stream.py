@@ -10,7 +10,9 @@ block index); ``input_json_delta`` fragments become argument deltas (empty ones 
 usage is taken from ``message_start`` and ``message_delta`` by replacement (the counts are
 cumulative, never added); ``message_stop`` gives the finish chunk, the usage chunk
 (``choices: []``, when asked) and ``data: [DONE]``. Thinking, citations and server-tool blocks,
-``ping`` and unknown events produce nothing.
+``ping`` and unknown events produce nothing. As on OpenAI, chunks carry ``"usage": null`` only
+for a client that asked for usage (``include_usage``); the usage chunk may be wanted without that
+(``usage_chunk``: the gateway's own accounting; its relay drops that chunk for the client).
 """
 
 from __future__ import annotations
@@ -97,17 +99,31 @@ class _Block:
 class StreamTranslator:
     """One Anthropic stream → OpenAI SSE bytes. Feed it upstream reads; call `end()` at EOF."""
 
-    def __init__(self, *, provider: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        provider: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        usage_chunk: bool | None = None,
+    ) -> None:
         self.provider = provider
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        """The client asked for usage: every chunk carries `"usage": null`, as on OpenAI."""
+        self.usage_chunk = include_usage if usage_chunk is None else usage_chunk or include_usage
+        """Send the final usage chunk (`choices: []`) before `[DONE]`."""
         self.id = "chatcmpl-anthropic"
         self.state: State = "before_message"
         self.error: GatewayError | None = None
         """Set when the stream failed (an `error` event or a protocol violation)."""
         self.chunks = 0
         """OpenAI chunks produced so far (errors and [DONE] not counted)."""
+        self.started = False
+        """The answer has begun: a content block (text, tool use, thinking…) started, or the
+        message ended. `message_start` and `ping` do not count (time to first byte)."""
         self.usage: dict[str, Any] = {}
         """The latest Anthropic usage counts (each field replaced, never added)."""
         self.stop_reason: Any = None
@@ -202,6 +218,7 @@ class StreamTranslator:
         if not isinstance(index, int) or not isinstance(block, dict):
             return
         kind = block.get("type")
+        self.started = True
         if kind == "text":
             self._blocks[index] = _Block("text")
             text = block.get("text")
@@ -256,8 +273,9 @@ class StreamTranslator:
             )
 
     def _message_stop(self, out: list[bytes]) -> None:
+        self.started = True
         out.append(self._chunk({}, translate.finish_reason(self.stop_reason)))
-        if self.include_usage:
+        if self.usage_chunk:
             out.append(
                 encode_event(
                     {

@@ -618,10 +618,12 @@ def _openai_error(
     passed = {h.lower(): v for h, v in headers.items() if h.lower() in PASSED_ERROR_HEADERS}
 
     if status in (401, 403) or etype in ("authentication_error", "permission_error"):
-        return BadGateway(
+        auth = BadGateway(
             f"provider {provider} rejected the gateway's credentials (HTTP {status}): {text}",
             code="upstream_auth_failed",
         )
+        auth.retryable = False  # the same key will not work a moment later (other deployments may)
+        return auth
     if (
         status == 402
         or etype == "billing_error"
