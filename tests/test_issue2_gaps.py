@@ -212,11 +212,21 @@ async def test_metrics_series_after_a_request(
     text = await metrics_text(http, gateway)
     assert metric_value(text, "tollway_requests_total", model="gpt-test", status="200") == 1
     assert metric_value(
-        text, "tollway_request_duration_seconds_count", endpoint="chat", model="gpt-test"
+        text, "tollway_request_duration_seconds_count", endpoint="chat", model="gpt-test", status="200"
     ) == 1
     assert metric_value(
-        text, "tollway_request_duration_seconds_sum", endpoint="chat", model="gpt-test"
+        text, "tollway_request_duration_seconds_sum", endpoint="chat", model="gpt-test", status="200"
     ) > 0
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="no-such-model", messages=USER_MESSAGES)
+    text = await metrics_text(http, gateway)
+    # latency by status too: the 404 is its own series, the 200's count is unchanged
+    assert metric_value(
+        text, "tollway_request_duration_seconds_count", endpoint="chat", status="404"
+    ) == 1
+    assert metric_value(
+        text, "tollway_request_duration_seconds_count", endpoint="chat", status="200"
+    ) == 1
     assert metric_value(text, "tollway_upstream_duration_seconds_count", provider="up") == 1
     assert metric_value(text, "tollway_upstream_duration_seconds_sum", provider="up") > 0
     assert metric_value(text, "tollway_gateway_overhead_seconds_count", endpoint="chat") == 1

@@ -10,7 +10,7 @@ from gateway.loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopG
 from gateway.pipeline import Plugin, RequestContext
 from gateway.pipeline.plugin import Handler
 
-_Bundle = tuple[HistogramChild, HistogramChild, CounterChild, CounterChild, CounterChild]
+_Bundle = tuple[HistogramChild, HistogramChild, CounterChild, CounterChild, CounterChild, CounterChild]
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -31,8 +31,9 @@ class MetricsPlugin(Plugin):
             ["endpoint", "model", "status"], r,
         )
         self.duration = LoopHistogram(
-            "tollway_request_duration_seconds", "Whole request latency seen by the gateway",
-            ["endpoint", "model"], r, _LATENCY,
+            "tollway_request_duration_seconds",
+            "Whole request latency seen by the gateway, by endpoint, model and HTTP status",
+            ["endpoint", "model", "status"], r, _LATENCY,
         )
         self.upstream = LoopHistogram(
             "tollway_upstream_duration_seconds", "Time spent waiting on the upstream",
@@ -53,7 +54,7 @@ class MetricsPlugin(Plugin):
         )
         self.in_flight = LoopGauge("tollway_requests_in_flight", "Requests being served now", (), r)
         self._in_flight = self.in_flight.labels()
-        self._bundles: dict[tuple[str, str], _Bundle] = {}
+        self._bundles: dict[tuple[str, str, int], _Bundle] = {}
 
     def on_headers(self, ctx: RequestContext) -> None:
         self._in_flight.value += 1
@@ -64,10 +65,11 @@ class MetricsPlugin(Plugin):
             self._in_flight.value -= 1
         model = ctx.public_model or "unknown"
         ep = ctx.endpoint
-        b = self._bundles.get((ep, model))
+        status = ctx.status
+        b = self._bundles.get((ep, model, status))
         if b is None:
-            b = self._bundle(ep, model)
-        self.requests.labels(ep, model, str(ctx.status)).value += 1
+            b = self._bundle(ep, model, status)
+        b[5].value += 1
         b[0].observe(ctx.elapsed())
         if ctx.deployment is not None and ctx.upstream_s:
             self.upstream.labels(ctx.provider or "", ctx.deployment).observe(ctx.upstream_s)
@@ -84,15 +86,15 @@ class MetricsPlugin(Plugin):
             if u.cached_tokens:
                 b[4].value += u.cached_tokens
 
-    def _bundle(self, ep: str, model: str) -> _Bundle:
-        """The children one (endpoint, model) updates on every request, looked up once."""
+    def _bundle(self, ep: str, model: str, status: int) -> _Bundle:
+        """The children one (endpoint, model, status) updates on every request, looked up once."""
         b = (
-            self.duration.labels(ep, model), self.overhead.labels(ep),
+            self.duration.labels(ep, model, str(status)), self.overhead.labels(ep),
             self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"),
-            self.tokens.labels(model, "cached"),
+            self.tokens.labels(model, "cached"), self.requests.labels(ep, model, str(status)),
         )
         if len(self._bundles) < 10_000:
-            self._bundles[(ep, model)] = b
+            self._bundles[(ep, model, status)] = b
         return b
 
     async def _serve(self, request: web.Request) -> web.Response:
