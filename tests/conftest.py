@@ -9,11 +9,22 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from helpers import StartGateway
+from helpers import (
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    ROUTED_PROVIDERS,
+    StartGateway,
+    StartRouted,
+    fixed_usage_reply,
+    merge_providers,
+    provider_config,
+    routing,
+)
 
-from gateway.testing.fake_upstream import FakeUpstream
+from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config, install_test_env, running_gateway
 from gateway.testing.processes import GatewayProcess
+from gateway.testing.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -104,3 +115,58 @@ async def store_config(request: pytest.FixtureRequest) -> AsyncIterator[dict[str
 
     async with RedisServer() as srv:
         yield {"store": {"backend": "redis", "url": srv.url, "prefix": "test:"}}
+
+
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A redis-server of its own that keeps its data across a stop and start (append-only file,
+    fsync always), as a production Redis would: for tests that stop and start it."""
+    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def upstream(fake: FakeUpstream) -> FakeUpstream:
+    """The fake upstream, every non-streaming answer reporting exactly PROMPT_TOKENS +
+    COMPLETION_TOKENS (so every request costs COST_NANO)."""
+    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
+    return fake
+
+
+# ---- the router's tests: one fake upstream per provider -------------------------------------------
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[list[FakeUpstream]]:
+    """One FakeUpstream per provider of ROUTED_PROVIDERS (pa..pd)."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(FakeUpstream()) for _ in ROUTED_PROVIDERS]
+
+
+@pytest.fixture
+async def start_routed(fakes: list[FakeUpstream]) -> AsyncIterator[StartRouted]:
+    """`await start_routed(models, routing_cfg=..., providers=...)`: a gateway whose providers pa..pd
+    point at fakes[0..3] (plus the harness's defaults), `providers` merged over them (provider by
+    provider, key by key); `routing_cfg` defaults to `routing()`. Returns its URL."""
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            models: dict[str, Any],
+            *,
+            routing_cfg: dict[str, Any] | None = None,
+            providers: dict[str, Any] | None = None,
+        ) -> str:
+            defaults = {
+                name: provider_config("openai_compatible", f.base_url)
+                for name, f in zip(ROUTED_PROVIDERS, fakes, strict=True)
+            }
+            config = gateway_config(
+                fakes[0].base_url,
+                providers=merge_providers(defaults, providers),
+                models=models,
+                routing=routing_cfg if routing_cfg is not None else routing(),
+            )
+            url: str = await stack.enter_async_context(running_gateway(config))
+            return url
+
+        yield start

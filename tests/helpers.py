@@ -7,6 +7,7 @@ import base64
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,8 +15,16 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.testing.fake_upstream import DEFAULT_REPLY, FakeUpstream, tokenize
+from gateway.testing.harness import gateway_config
+from gateway.testing.processes import AdminClient as ProcessAdminClient
+from gateway.testing.processes import GatewayProcess
+from gateway.testing.redis_server import RedisServer
+
 StartGateway = Callable[..., Awaitable[str]]
 """`await start_gateway(**config_overrides)` -> the gateway URL."""
+StartRouted = Callable[..., Awaitable[str]]
+"""`await start_routed(models, routing_cfg=..., providers=...)` -> the gateway URL."""
 
 USER_MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
 
@@ -49,9 +58,6 @@ def sse_data_lines(raw: bytes) -> list[bytes]:
 
 # ---- issue 3: admin API, budgets, limits (used by test_admin/test_limits/test_alerts) ----------
 
-
-
-from gateway.testing.fake_upstream import DEFAULT_REPLY, tokenize  # noqa: E402
 
 TEST_INPUT_USD_PER_TOKEN = 1e-6
 TEST_OUTPUT_USD_PER_TOKEN = 2e-6
@@ -198,3 +204,151 @@ async def wait_for_cache_entries(admin: AdminClient, team: str, entries: int, ti
             assert got == entries, stats
             return
         await asyncio.sleep(0.02)
+
+
+# ---- gateway processes with fixed-cost requests, on a real redis-server -------------------------
+# (test_store_failure, test_access_gaps, test_restart, test_kill9_loss_bound; the `upstream` and
+# `durable_redis` fixtures are in conftest.py)
+
+PROMPT_TOKENS = 20
+COMPLETION_TOKENS = 30
+"""The usage every non-streaming answer of the `upstream` fixture reports."""
+COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
+"""The cost of one such request at the test models' price ($1 / $2 per million input / output tokens)."""
+MAX_ANSWER_S = 3.0
+"""A request while the store is down or stalled must be answered (refused or served) within this."""
+RECOVERY_TIMEOUT_S = 10.0
+"""How long the gateway may take to serve again (and to charge what it served) once the store is back."""
+
+
+def chat_body(prompt: str) -> dict[str, Any]:
+    """A billable chat request to gpt-test with one user message."""
+    return {"model": "gpt-test", "messages": [{"role": "user", "content": prompt}], "max_tokens": 50}
+
+
+def unique(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with a prompt nobody sent before (same token count: one word more)."""
+    return {**body, "messages": [{"role": "user", "content": f"{body['messages'][0]['content']} "
+                                                           f"{uuid.uuid4().hex}"}]}
+
+
+def new_prefix() -> str:
+    """A Redis key prefix of its own (gateways sharing it share a store)."""
+    return f"tw-{uuid.uuid4().hex[:8]}:"
+
+
+def redis_gateway_config(
+    fake: FakeUpstream, srv: RedisServer, prefix: str | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The test config in front of `fake`, with its store in `srv` under `prefix` (a new one by default)."""
+    return gateway_config(
+        fake.base_url,
+        store={"backend": "redis", "url": srv.url, "prefix": prefix or new_prefix()},
+        **overrides,
+    )
+
+
+async def start_redis_gateway(
+    processes: Callable[..., GatewayProcess], fake: FakeUpstream, srv: RedisServer, **overrides: Any
+) -> GatewayProcess:
+    """A started gateway process (`gw-redis`) on `redis_gateway_config(fake, srv, **overrides)`."""
+    return await processes(redis_gateway_config(fake, srv, **overrides), name="gw-redis").astart()
+
+
+async def timed_chat(
+    session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
+) -> tuple[int, Any, float]:
+    """(status, parsed body, seconds it took) of one chat request."""
+    t0 = time.monotonic()
+    async with session.post(
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        data = await r.json(content_type=None)
+        return r.status, data, time.monotonic() - t0
+
+
+async def wait_for_200(
+    session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any], *, fresh: bool = False
+) -> tuple[int, Any, float]:
+    """Retry a billable request (bounded by RECOVERY_TIMEOUT_S) until it succeeds; return the last
+    answer. `fresh`: each attempt sends `unique(body)` instead of `body`."""
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    while True:
+        status, data, took = await timed_chat(session, url, key, unique(body) if fresh else body)
+        if status == 200 or time.monotonic() > deadline:
+            return status, data, took
+        await asyncio.sleep(0.1)
+
+
+def error_code(body: Any) -> Any:
+    return body.get("error", {}).get("code") if isinstance(body, dict) else None
+
+
+def assert_store_unavailable(
+    status: int, body: Any, seconds: float, *, says_unreachable: bool = False
+) -> None:
+    """A quick 503 `store_unavailable`; `says_unreachable`: its message says the store is unreachable."""
+    assert seconds < MAX_ANSWER_S, f"took {seconds:.2f} s to answer while the store is down"
+    assert status == 503, (status, body)
+    assert error_code(body) == "store_unavailable", body
+    if says_unreachable:
+        msg = body["error"]["message"].lower()
+        assert "store" in msg and "unreachable" in msg, body["error"]
+
+
+async def budgeted_key(admin: ProcessAdminClient, name: str, team_name: str | None = None) -> dict[str, Any]:
+    """A key with a $5 budget in a new team (`team of <name>` by default) with a $10 budget."""
+    team = await admin.create_team(name=team_name or f"team of {name}", budget={"limit_usd": 10.0})
+    return await admin.create_key(team_id=team["id"], name=name, budget={"limit_usd": 5.0})
+
+
+async def wait_spent(
+    admin: ProcessAdminClient, kind: str, scope_id: str, want_nano: int, timeout_s: float = RECOVERY_TIMEOUT_S
+) -> dict[str, Any]:
+    """Poll a settled budget (`kind` "keys" or "teams") until it has spent `want_nano` or the time
+    is up; return it as last seen (the caller asserts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b = await admin.wait_settled(kind, scope_id)
+        if nano(b["spent_usd"]) >= want_nano or time.monotonic() > deadline:
+            return b
+        await asyncio.sleep(0.1)
+
+
+# ---- the router's tests (test_routing, test_routing_gaps; `fakes` and `start_routed` in conftest.py) --
+
+ROUTED_PROVIDERS = ("pa", "pb", "pc", "pd")
+"""The providers of `start_routed`, pointing at `fakes[0..3]`."""
+UPSTREAM_TIMEOUTS: dict[str, float] = {"connect_s": 1.0, "read_s": 5.0, "total_s": 10.0}
+
+FAST_RETRY: dict[str, Any] = {
+    "max_attempts": 3,
+    "backoff_base_s": 0.05,
+    "backoff_max_s": 0.1,
+    "max_retry_after_s": 2.0,
+    "deadline_s": 10.0,
+}
+NO_BREAKER: dict[str, Any] = {"consecutive_failures": 20, "min_requests": 100}
+"""Breakers that stay closed within one test (for tests about retries, not breakers)."""
+
+
+def routing(retry: dict[str, Any] | None = None, breaker: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"retry": {**FAST_RETRY, **(retry or {})}, "breaker": {**NO_BREAKER, **(breaker or {})}}
+
+
+def provider_config(kind: str, api_base: str) -> dict[str, Any]:
+    """A provider section with the test upstream key and short timeouts."""
+    return {
+        "kind": kind,
+        "api_base": api_base,
+        "api_key": "${TOLLWAY_TEST_UPSTREAM_KEY}",
+        "timeouts": dict(UPSTREAM_TIMEOUTS),
+    }
+
+
+def merge_providers(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`base` with each provider of `overrides` added, or updated key by key."""
+    out = dict(base)
+    for name, extra in (overrides or {}).items():
+        out[name] = {**out.get(name, {}), **extra}
+    return out

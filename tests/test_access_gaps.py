@@ -19,7 +19,6 @@ import asyncio
 import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,53 +28,45 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from helpers import StartGateway, fixed_usage_reply, nano, sse_data_lines
+from helpers import (
+    COST_NANO,
+    MAX_ANSWER_S,
+    RECOVERY_TIMEOUT_S,
+    StartGateway,
+    assert_store_unavailable,
+    budgeted_key,
+    chat_body,
+    error_code,
+    nano,
+    new_prefix,
+    redis_gateway_config,
+    sse_data_lines,
+    start_redis_gateway,
+    timed_chat,
+    unique,
+    wait_for_200,
+    wait_spent,
+)
 
-from gateway.testing.fake_upstream import Behaviour, FakeUpstream
-from gateway.testing.harness import TestKeys, gateway_config
+from gateway.testing.fake_upstream import FakeUpstream
+from gateway.testing.harness import TestKeys
 from gateway.testing.processes import AdminClient, GatewayProcess
 from gateway.testing.redis_server import RedisServer
 
-PROMPT_TOKENS = 20
-COMPLETION_TOKENS = 30
-COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
-"""The cost of one request answered with `fixed_usage_reply(20, 30)` ($1 / $2 per M tokens)."""
-BODY: dict[str, Any] = {
-    "model": "gpt-test",
-    "messages": [{"role": "user", "content": "mind the gaps"}],
-    "max_tokens": 50,
-}
-MAX_ANSWER_S = 3.0
-"""A request while the store is down or stalled must be answered within this."""
-RECOVERY_TIMEOUT_S = 10.0
+BODY = chat_body("mind the gaps")
 SETTLE_TIMEOUT_S = 5.0
 """After Redis is back: how long a released reservation may take to show as released."""
 REDIS_STALL_S = 2
 """`DEBUG SLEEP` this long: longer than the gateway's Redis socket timeout (1 s by default)."""
 
 
-# ---- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def upstream(fake: FakeUpstream) -> FakeUpstream:
-    """Every non-streaming answer reports exactly PROMPT_TOKENS + COMPLETION_TOKENS."""
-    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
-    return fake
+# ---- fixtures (`upstream` and `durable_redis` are in conftest.py) --------------------------------
 
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A redis-server of its own."""
     with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def durable_redis() -> Iterator[RedisServer]:
-    """A redis-server that keeps its data across a stop and start (append-only file, fsync
-    always), as a production Redis would: these tests stop and start it."""
-    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as srv:
         yield srv
 
 
@@ -90,62 +81,17 @@ def stallable_redis() -> Iterator[RedisServer]:
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def redis_gateway_config(
-    fake: FakeUpstream, srv: RedisServer, prefix: str, **overrides: Any
-) -> dict[str, Any]:
-    return gateway_config(
-        fake.base_url, store={"backend": "redis", "url": srv.url, "prefix": prefix}, **overrides
-    )
-
-
-def new_prefix() -> str:
-    return f"tw-{uuid.uuid4().hex[:8]}:"
-
-
 async def chat(
     session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any] | None = None
 ) -> tuple[int, Any, float]:
     """(status, parsed body, seconds it took) of one chat request: `body`, by default BODY with
     a prompt of its own (so that no answer comes from the exact cache)."""
-    if body is None:
-        body = unique(BODY)
-    t0 = time.monotonic()
-    async with session.post(
-        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-    ) as r:
-        data = await r.json(content_type=None)
-        return r.status, data, time.monotonic() - t0
-
-
-def unique(body: dict[str, Any]) -> dict[str, Any]:
-    """`body` with a prompt nobody sent before (same token count: one word more)."""
-    return {**body, "messages": [{"role": "user", "content": f"{body['messages'][0]['content']} "
-                                                           f"{uuid.uuid4().hex}"}]}
+    return await timed_chat(session, url, key, unique(BODY) if body is None else body)
 
 
 async def get(session: aiohttp.ClientSession, url: str, path: str, key: str) -> tuple[int, Any]:
     async with session.get(url + path, headers={"Authorization": f"Bearer {key}"}) as r:
         return r.status, await r.json(content_type=None)
-
-
-def error_code(body: Any) -> Any:
-    return body.get("error", {}).get("code") if isinstance(body, dict) else None
-
-
-def assert_store_unavailable(status: int, body: Any, seconds: float) -> None:
-    assert seconds < MAX_ANSWER_S, f"took {seconds:.2f} s to answer while the store is down"
-    assert status == 503, (status, body)
-    assert error_code(body) == "store_unavailable", body
-
-
-async def wait_for_200(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any, float]:
-    """Retry a billable request (bounded) until it succeeds; return the last answer."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while True:
-        status, body, took = await chat(session, url, key)
-        if status == 200 or time.monotonic() > deadline:
-            return status, body, took
-        await asyncio.sleep(0.1)
 
 
 async def wait_reserved_zero(
@@ -188,8 +134,7 @@ async def test_revocation_on_one_replica_applies_at_once_on_another(
 ) -> None:
     gw_a, gw_b = await two_replicas(upstream, redis_server, processes)
     admin_a = AdminClient(session, gw_a.url, keys.admin)
-    team = await admin_a.create_team(name="revocation", budget={"limit_usd": 10.0})
-    key = await admin_a.create_key(team_id=team["id"], name="to revoke", budget={"limit_usd": 5.0})
+    key = await budgeted_key(admin_a, "to revoke", team_name="revocation")
     # Both replicas have seen (and may have cached) the key, on billable and other requests.
     for gw in (gw_a, gw_b):
         status, body, _ = await chat(session, gw.url, key["key"])
@@ -308,11 +253,9 @@ async def test_redis_timeout_does_not_leak_a_reservation(
 ) -> None:
     # The exact cache is off: its lookup would spend the first socket timeout of the stall, and
     # the admission is what this test is about.
-    config = redis_gateway_config(upstream, stallable_redis, new_prefix(), cache={"enabled": False})
-    gw = await processes(config, name="gw-redis").astart()
+    gw = await start_redis_gateway(processes, upstream, stallable_redis, cache={"enabled": False})
     admin = AdminClient(session, gw.url, keys.admin)
-    team = await admin.create_team(name="stalled team", budget={"limit_usd": 10.0})
-    key = await admin.create_key(team_id=team["id"], name="stalled key", budget={"limit_usd": 5.0})
+    key = await budgeted_key(admin, "stalled key", team_name="stalled team")
     status, body, _ = await chat(session, gw.url, key["key"])  # connections open, key seen
     assert status == 200, body
     before = await admin.wait_settled("keys", key["id"])
@@ -338,7 +281,7 @@ async def test_redis_timeout_does_not_leak_a_reservation(
 
     # Redis is back. Whatever the stalled admission did on the server once it woke up, no
     # reservation may stay held (for the lease TTL, 900 s) on the key or on its team.
-    for kind, scope_id in (("keys", key["id"]), ("teams", team["id"])):
+    for kind, scope_id in (("keys", key["id"]), ("teams", key["team_id"])):
         b = await wait_reserved_zero(admin, kind, scope_id, SETTLE_TIMEOUT_S)
         assert b.get("reserved_usd") == 0, (
             f"{kind}/{scope_id}: a reservation is still held {SETTLE_TIMEOUT_S} s after Redis "
@@ -347,7 +290,7 @@ async def test_redis_timeout_does_not_leak_a_reservation(
         assert nano(b["spent_usd"]) == COST_NANO, (kind, b)  # the refused request costs nothing
 
     # And the key keeps working, charged exactly for what it is served.
-    status, body, _ = await wait_for_200(session, gw.url, key["key"])
+    status, body, _ = await wait_for_200(session, gw.url, key["key"], BODY, fresh=True)
     assert status == 200, body
     after = await admin.wait_settled("keys", key["id"])
     assert nano(after["spent_usd"]) == 2 * COST_NANO, after
@@ -376,8 +319,7 @@ async def test_redis_down_rate_limits_fail_open_budgets_fail_closed(
     admin = AdminClient(session, gw_open.url, keys.admin)
     team_a = await admin.create_team(name="limits only", rpm=1000, tpm=1_000_000)
     key_a = await admin.create_key(team_id=team_a["id"], name="A: limits, no budget", rpm=1000)
-    team_b = await admin.create_team(name="budgeted", budget={"limit_usd": 10.0})
-    key_b = await admin.create_key(team_id=team_b["id"], name="B: budget", budget={"limit_usd": 5.0})
+    key_b = await budgeted_key(admin, "B: budget", team_name="budgeted")
     for gw in (gw_open, gw_closed):  # both replicas have seen both keys
         for k in (key_a, key_b):
             status, body, _ = await chat(session, gw.url, k["key"])
@@ -400,7 +342,7 @@ async def test_redis_down_rate_limits_fail_open_budgets_fail_closed(
     assert len(upstream.requests) == 4 + outage_ok
 
     await asyncio.to_thread(durable_redis.start)  # same port, same data
-    status, body, _ = await wait_for_200(session, gw_open.url, key_b["key"])
+    status, body, _ = await wait_for_200(session, gw_open.url, key_b["key"], BODY, fresh=True)
     assert status == 200, f"no recovery within {RECOVERY_TIMEOUT_S} s: {status} {body}"
 
     # What key A was served during the outage is billed once Redis is back: the ledger (the Redis
@@ -420,12 +362,7 @@ async def test_redis_down_rate_limits_fail_open_budgets_fail_closed(
     others = [r for r in records if r["status"] != 200]
     assert all(r["cost_nano"] == 0 and r["status"] == 503 for r in others), others
     for kind, scope_id in (("keys", key_a["id"]), ("teams", team_a["id"])):
-        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-        while True:
-            b = await admin.wait_settled(kind, scope_id)
-            if nano(b["spent_usd"]) >= want * COST_NANO or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        b = await wait_spent(admin, kind, scope_id, want * COST_NANO)
         assert nano(b["spent_usd"]) == want * COST_NANO, (kind, b, want * COST_NANO)
 
     def served(answer: dict[str, Any]) -> int:

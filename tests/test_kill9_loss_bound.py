@@ -50,23 +50,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from helpers import fixed_usage_reply, nano
+from helpers import COST_NANO, chat_body, nano
 
 from gateway.store.settings import StoreSettings
-from gateway.testing.fake_upstream import Behaviour, FakeUpstream
+from gateway.testing.fake_upstream import FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config
 from gateway.testing.processes import AdminClient, GatewayProcess
 
-PROMPT_TOKENS = 20
-COMPLETION_TOKENS = 30
-COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
-"""Every request's cost at the test models' price ($1 / $2 per million input / output tokens)."""
-BODY: dict[str, Any] = {
-    "model": "gpt-test",
-    "messages": [{"role": "user", "content": "bill me"}],
-    "max_tokens": 50,
-}
+BODY = chat_body("bill me")
+"""Every request costs COST_NANO (the `upstream` fixture, in conftest.py)."""
 
 FLUSH_INTERVAL_S = StoreSettings().flush_interval_s
 """The default (1.0 s): the figure the issue's "last second of spend" promise rests on."""
@@ -93,12 +85,6 @@ class Load:
     done: list[tuple[float, int]] = field(default_factory=list)
     """(client-side completion time, HTTP status), in completion order."""
     errors: list[tuple[float, str]] = field(default_factory=list)
-
-
-@pytest.fixture
-def upstream(fake: FakeUpstream) -> FakeUpstream:
-    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
-    return fake
 
 
 async def client(

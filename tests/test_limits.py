@@ -54,6 +54,24 @@ async def raw_chat(base_url: str, key: str, **kw: Any) -> Any:
         return raw.headers, raw.parse()
 
 
+async def reserved_during_a_slow_chat(
+    fake: FakeUpstream, admin: AdminClient, url: str, key: dict[str, Any]
+) -> dict[str, Any]:
+    """Send one chat request that the upstream holds for 0.5 s; return the key's budget as soon as
+    it shows a reservation (bounded: 2 s), then wait for the request to finish."""
+    fake.enqueue(Behaviour(delay_s=0.5))
+    task = asyncio.create_task(raw_chat(url, key["key"]))
+    try:
+        deadline = time.monotonic() + 2
+        while True:
+            b = await admin.budget("key", key["id"])
+            if b["reserved_usd"] > 0 or time.monotonic() > deadline:
+                return b
+            await asyncio.sleep(0.02)
+    finally:
+        await task
+
+
 async def chat_error(base_url: str, key: str, model: str = "gpt-test", **kw: Any) -> openai.APIStatusError:
     async with sdk(base_url, key) as c:
         with pytest.raises(openai.APIStatusError) as ei:
@@ -426,18 +444,8 @@ async def test_max_tokens_cap_sent_upstream_and_reserved(
     await a.create_team(id="mt", name="mt")
     k = await a.create_key(team_id="mt", budget={"limit_usd": 1, "period": "daily"})
 
-    fake.enqueue(Behaviour(delay_s=0.5))
-    task = asyncio.create_task(raw_chat(url, k["key"]))
-    try:
-        deadline = time.monotonic() + 2
-        while True:
-            b = await a.budget("key", k["id"])
-            if b["reserved_usd"] > 0 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
-        assert b["reserved_usd"] == pytest.approx(usd_cost(EST_PROMPT, 321), abs=1e-12)
-    finally:
-        await task
+    b = await reserved_during_a_slow_chat(fake, a, url, k)
+    assert b["reserved_usd"] == pytest.approx(usd_cost(EST_PROMPT, 321), abs=1e-12)
     assert fake.last.body["max_tokens"] == 321
 
     await raw_chat(url, k["key"], max_tokens=17)
@@ -636,18 +644,8 @@ async def test_reservation_covers_the_dearest_fallback(
     a = AdminClient(http, url, keys.admin)
     await a.create_team(id="fb", name="fb")
     k = await a.create_key(team_id="fb", budget={"limit_usd": 1, "period": "daily"})
-    fake.enqueue(Behaviour(delay_s=0.5))
-    task = asyncio.create_task(raw_chat(url, k["key"]))
-    try:
-        deadline = time.monotonic() + 2
-        while True:
-            b = await a.budget("key", k["id"])
-            if b["reserved_usd"] > 0 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
-        assert b["reserved_usd"] == pytest.approx(10 * usd_cost(EST_PROMPT, 100), abs=1e-12)
-    finally:
-        await task
+    b = await reserved_during_a_slow_chat(fake, a, url, k)
+    assert b["reserved_usd"] == pytest.approx(10 * usd_cost(EST_PROMPT, 100), abs=1e-12)
     # billed at the price of the model that answered (gpt-test itself here)
     for _ in range(100):
         b = await a.budget("key", k["id"])

@@ -11,28 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import pytest
-from helpers import fixed_usage_reply, nano
+from helpers import (
+    COMPLETION_TOKENS,
+    COST_NANO,
+    PROMPT_TOKENS,
+    chat_body,
+    fixed_usage_reply,
+    nano,
+    redis_gateway_config,
+    timed_chat,
+)
 
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
 from gateway.testing.harness import TestKeys, gateway_config
 from gateway.testing.processes import AdminClient, GatewayProcess
 from gateway.testing.redis_server import RedisServer
 
-PROMPT_TOKENS = 20
-COMPLETION_TOKENS = 30
-COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
-"""Every request's cost at the test models' price ($1 / $2 per million input / output tokens)."""
-BODY: dict[str, Any] = {
-    "model": "gpt-test",
-    "messages": [{"role": "user", "content": "remember me"}],
-    "max_tokens": 50,
-}
+BODY = chat_body("remember me")
 GRACEFUL_ROUNDS = 3
 """Graceful stops are repeated: each must lose nothing and duplicate nothing."""
 FLUSH_WAIT_S = 2.0
@@ -40,23 +39,13 @@ FLUSH_WAIT_S = 2.0
 flushes every 1 s, its default), plus whatever buffering happens before the store."""
 
 
-# ---- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def upstream(fake: FakeUpstream) -> FakeUpstream:
-    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
-    return fake
-
-
-# ---- helpers -------------------------------------------------------------------------------------
+# ---- helpers (the `upstream` fixture is in conftest.py) -------------------------------------------
 
 
 async def chat(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any]:
-    async with session.post(
-        url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}
-    ) as r:
-        return r.status, await r.json(content_type=None)
+    """(status, parsed body) of BODY."""
+    status, body, _ = await timed_chat(session, url, key, BODY)
+    return status, body
 
 
 async def send(session: aiohttp.ClientSession, url: str, key: str, n: int) -> None:
@@ -200,11 +189,7 @@ async def test_redis_gateway_restart_keeps_keys_and_spend(
     nothing twice, so the ledger and the spend still agree exactly after every restart."""
     n = 25
     async with RedisServer() as srv:
-        config = gateway_config(
-            upstream.base_url,
-            store={"backend": "redis", "url": srv.url, "prefix": f"tw-{uuid.uuid4().hex[:8]}:"},
-        )
-        gw = processes(config, name="gw-redis")
+        gw = processes(redis_gateway_config(upstream, srv), name="gw-redis")
         await gw.astart()
         admin = AdminClient(session, gw.url, keys.admin)
         team, key = await setup_key(admin)

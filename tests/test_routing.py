@@ -12,8 +12,7 @@ import asyncio
 import itertools
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,31 +20,27 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from helpers import USER_MESSAGES, AdminClient, assert_error_shape, metric_value, metrics_text, sse_data_lines
+from helpers import (
+    USER_MESSAGES,
+    AdminClient,
+    StartRouted,
+    assert_error_shape,
+    metric_value,
+    metrics_text,
+    routing,
+    sse_data_lines,
+)
 
 from gateway.routing import router as router_module
 from gateway.testing.fake_upstream import DEFAULT_REPLY, Behaviour, FakeUpstream
-from gateway.testing.harness import TestKeys, gateway_config, running_gateway
+from gateway.testing.harness import TestKeys
 
 CHAT = "/v1/chat/completions"
-PROVIDERS = ("pa", "pb", "pc", "pd")
 HEAVY = 1000.0
 LIGHT = 0.001
 
-FAST_RETRY: dict[str, Any] = {
-    "max_attempts": 3,
-    "backoff_base_s": 0.05,
-    "backoff_max_s": 0.1,
-    "max_retry_after_s": 2.0,
-    "deadline_s": 10.0,
-}
-NO_BREAKER: dict[str, Any] = {"consecutive_failures": 20, "min_requests": 100}
-"""Breakers that stay closed within one test (for tests about retries, not breakers)."""
 
-StartRouted = Callable[..., Awaitable[str]]
-
-
-# ---- config and fixtures ------------------------------------------------------------------------
+# ---- config and fixtures (`fakes` and `start_routed` are in conftest.py) ------------------------
 
 
 def dep(provider: str, model: str, **extra: Any) -> dict[str, Any]:
@@ -54,51 +49,6 @@ def dep(provider: str, model: str, **extra: Any) -> dict[str, Any]:
 
 def model(*deployments: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"price": {"free": True}, "deployments": list(deployments), **extra}
-
-
-def routing(retry: dict[str, Any] | None = None, breaker: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"retry": {**FAST_RETRY, **(retry or {})}, "breaker": {**NO_BREAKER, **(breaker or {})}}
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[list[FakeUpstream]]:
-    async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(FakeUpstream()) for _ in PROVIDERS]
-
-
-@pytest.fixture
-async def start_routed(fakes: list[FakeUpstream]) -> AsyncIterator[StartRouted]:
-    """`await start_routed(models, routing=..., providers=...)`: a gateway whose providers pa..pd
-    point at fakes[0..3] (plus the harness's defaults); returns its URL."""
-    async with AsyncExitStack() as stack:
-
-        async def start(
-            models: dict[str, Any],
-            *,
-            routing_cfg: dict[str, Any] | None = None,
-            providers: dict[str, Any] | None = None,
-        ) -> str:
-            provs: dict[str, Any] = {
-                name: {
-                    "kind": "openai_compatible",
-                    "api_base": f.base_url,
-                    "api_key": "${TOLLWAY_TEST_UPSTREAM_KEY}",
-                    "timeouts": {"connect_s": 1.0, "read_s": 5.0, "total_s": 10.0},
-                }
-                for name, f in zip(PROVIDERS, fakes, strict=True)
-            }
-            for name, extra in (providers or {}).items():
-                provs[name] = {**provs.get(name, {}), **extra}
-            config = gateway_config(
-                fakes[0].base_url,
-                providers=provs,
-                models=models,
-                routing=routing_cfg if routing_cfg is not None else routing(),
-            )
-            url: str = await stack.enter_async_context(running_gateway(config))
-            return url
-
-        yield start
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, ExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,25 +20,27 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from helpers import assert_error_shape, metric_value, metrics_text, sse_data_lines
-from test_routing import HEAVY, LIGHT, PROVIDERS, Answer, dep, model, post_chat, ready_breakers, routing
+from helpers import (
+    StartRouted,
+    assert_error_shape,
+    merge_providers,
+    metric_value,
+    metrics_text,
+    provider_config,
+    routing,
+    sse_data_lines,
+)
+from test_routing import HEAVY, LIGHT, Answer, dep, model, post_chat, ready_breakers
 
 import gateway.app
 from gateway.routing import router as router_module
 from gateway.settings import ConfigError, load_settings
 from gateway.testing.fake_anthropic import AnthropicBehaviour, FakeAnthropic
 from gateway.testing.fake_upstream import Behaviour, FakeUpstream
-from gateway.testing.harness import TestKeys, gateway_config, running_gateway
+from gateway.testing.harness import TestKeys
 
-StartRouted = Callable[..., Awaitable[str]]
 CLAUDE = "claude-x"
 """The upstream model of the anthropic deployment `an/claude-x`."""
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[list[FakeUpstream]]:
-    async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(FakeUpstream()) for _ in PROVIDERS]
 
 
 @pytest.fixture
@@ -48,45 +50,15 @@ async def anth() -> AsyncIterator[FakeAnthropic]:
 
 
 @pytest.fixture
-async def start_routed(fakes: list[FakeUpstream], anth: FakeAnthropic) -> AsyncIterator[StartRouted]:
-    """`await start_routed(models, routing_cfg=..., providers=...)`: a gateway whose providers pa..pd
-    point at fakes[0..3] and `an` (kind anthropic) at the fake Anthropic; returns its URL."""
-    async with AsyncExitStack() as stack:
+def start_routed(anth: FakeAnthropic, start_routed: StartRouted) -> StartRouted:
+    """conftest's `start_routed`, plus a provider `an` (kind anthropic) at the fake Anthropic
+    (`providers` are merged over it as over pa..pd). `anth` comes first: it outlives the gateway."""
 
-        async def start(
-            models: dict[str, Any],
-            *,
-            routing_cfg: dict[str, Any] | None = None,
-            providers: dict[str, Any] | None = None,
-        ) -> str:
-            timeouts = {"connect_s": 1.0, "read_s": 5.0, "total_s": 10.0}
-            provs: dict[str, Any] = {
-                name: {
-                    "kind": "openai_compatible",
-                    "api_base": f.base_url,
-                    "api_key": "${TOLLWAY_TEST_UPSTREAM_KEY}",
-                    "timeouts": timeouts,
-                }
-                for name, f in zip(PROVIDERS, fakes, strict=True)
-            }
-            provs["an"] = {
-                "kind": "anthropic",
-                "api_base": anth.url,
-                "api_key": "${TOLLWAY_TEST_UPSTREAM_KEY}",
-                "timeouts": timeouts,
-            }
-            for name, extra in (providers or {}).items():
-                provs[name] = {**provs.get(name, {}), **extra}
-            config = gateway_config(
-                fakes[0].base_url,
-                providers=provs,
-                models=models,
-                routing=routing_cfg if routing_cfg is not None else routing(),
-            )
-            url: str = await stack.enter_async_context(running_gateway(config))
-            return url
+    async def start(models: dict[str, Any], *, providers: dict[str, Any] | None = None, **kw: Any) -> str:
+        an = {"an": provider_config("anthropic", anth.url)}
+        return await start_routed(models, providers=merge_providers(an, providers), **kw)
 
-        yield start
+    return start
 
 
 async def attempts_metric(http: aiohttp.ClientSession, url: str, deployment: str) -> dict[str, float]:

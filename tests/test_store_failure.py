@@ -17,58 +17,38 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import pytest
-from helpers import fixed_usage_reply, nano
+from helpers import (
+    COST_NANO,
+    MAX_ANSWER_S,
+    RECOVERY_TIMEOUT_S,
+    assert_store_unavailable,
+    budgeted_key,
+    chat_body,
+    nano,
+    start_redis_gateway,
+    timed_chat,
+    wait_for_200,
+    wait_spent,
+)
 
-from gateway.testing.fake_upstream import Behaviour, FakeUpstream
-from gateway.testing.harness import TestKeys, gateway_config
+from gateway.testing.fake_upstream import FakeUpstream
+from gateway.testing.harness import TestKeys
 from gateway.testing.processes import AdminClient, GatewayProcess
 from gateway.testing.redis_server import RedisServer
 
-PROMPT_TOKENS = 20
-COMPLETION_TOKENS = 30
-COST_NANO = PROMPT_TOKENS * 1_000 + COMPLETION_TOKENS * 2_000
-BODY: dict[str, Any] = {
-    "model": "gpt-test",
-    "messages": [{"role": "user", "content": "are you there?"}],
-    "max_tokens": 50,
-}
-MAX_ANSWER_S = 3.0
-"""A request while the store is down must be answered (refused or served) within this."""
-RECOVERY_TIMEOUT_S = 10.0
+BODY = chat_body("are you there?")
 
 
-# ---- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A real, durable redis-server of its own (these tests stop and start it)."""
-    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as srv:
-        yield srv
-
-
-@pytest.fixture
-def upstream(fake: FakeUpstream) -> FakeUpstream:
-    fake.default = Behaviour(body=fixed_usage_reply(PROMPT_TOKENS, COMPLETION_TOKENS))
-    return fake
-
-
-# ---- helpers -------------------------------------------------------------------------------------
+# ---- helpers (the `upstream` and `durable_redis` fixtures are in conftest.py) ---------------------
 
 
 async def chat(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any, float]:
-    """(status, body, seconds it took)."""
-    t0 = time.monotonic()
-    async with session.post(
-        url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}
-    ) as r:
-        body = await r.json(content_type=None)
-        return r.status, body, time.monotonic() - t0
+    """(status, body, seconds it took) of BODY."""
+    return await timed_chat(session, url, key, BODY)
 
 
 async def ready(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -76,70 +56,35 @@ async def ready(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return r.status, await r.json(content_type=None)
 
 
-async def start_gateway(
-    processes: Callable[..., GatewayProcess], fake: FakeUpstream, srv: RedisServer, **overrides: Any
-) -> GatewayProcess:
-    config = gateway_config(
-        fake.base_url,
-        store={"backend": "redis", "url": srv.url, "prefix": f"tw-{uuid.uuid4().hex[:8]}:"},
-        **overrides,
-    )
-    return await processes(config, name="gw-redis").astart()
-
-
-async def make_key(admin: AdminClient, name: str) -> dict[str, Any]:
-    team = await admin.create_team(name=f"team of {name}", budget={"limit_usd": 10.0})
-    return await admin.create_key(team_id=team["id"], name=name, budget={"limit_usd": 5.0})
-
-
-def assert_store_unavailable(status: int, body: Any, seconds: float) -> None:
-    assert seconds < MAX_ANSWER_S, f"took {seconds:.2f} s to answer while the store is down"
-    assert status == 503, (status, body)
-    err = body["error"]
-    assert err["code"] == "store_unavailable", err
-    msg = err["message"].lower()
-    assert "store" in msg and "unreachable" in msg, err
-
-
-async def wait_for_200(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, Any, float]:
-    """Retry a billable request (bounded) until it succeeds; return the last answer."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while True:
-        status, body, took = await chat(session, url, key)
-        if status == 200 or time.monotonic() > deadline:
-            return status, body, took
-        await asyncio.sleep(0.1)
-
-
 # ---- fail closed (the default) -------------------------------------------------------------------
 
 
 async def test_redis_down_fails_closed_and_recovers_without_restart(
     upstream: FakeUpstream,
-    redis_server: RedisServer,
+    durable_redis: RedisServer,
     processes: Callable[..., GatewayProcess],
     session: aiohttp.ClientSession,
     keys: TestKeys,
 ) -> None:
-    gw = await start_gateway(processes, upstream, redis_server)
+    gw = await start_redis_gateway(processes, upstream, durable_redis)
     admin = AdminClient(session, gw.url, keys.admin)
-    used = await make_key(admin, "used before the outage")
-    unused = await make_key(admin, "not used before the outage")
+    used = await budgeted_key(admin, "used before the outage")
+    unused = await budgeted_key(admin, "not used before the outage")
     status, body, _ = await chat(session, gw.url, used["key"])
     assert status == 200, body
     assert (await ready(session, gw.url))[0] == 200
 
-    await asyncio.to_thread(redis_server.stop)
+    await asyncio.to_thread(durable_redis.stop)
     for key in (used["key"], unused["key"], used["key"]):
-        assert_store_unavailable(*await chat(session, gw.url, key))
+        assert_store_unavailable(*await chat(session, gw.url, key), says_unreachable=True)
     status, body = await ready(session, gw.url)
     assert status == 503, body
     assert body["plugins"]["store"]["ok"] is False, body
     n_upstream = len(upstream.requests)
     assert n_upstream == 1  # nothing was forwarded unchecked
 
-    await asyncio.to_thread(redis_server.start)  # same port, same data directory
-    status, body, _ = await wait_for_200(session, gw.url, used["key"])
+    await asyncio.to_thread(durable_redis.start)  # same port, same data directory
+    status, body, _ = await wait_for_200(session, gw.url, used["key"], BODY)
     assert status == 200, f"no recovery within {RECOVERY_TIMEOUT_S} s: {status} {body}"
     status, body, _ = await chat(session, gw.url, unused["key"])
     assert status == 200, body
@@ -156,20 +101,20 @@ async def test_redis_down_fails_closed_and_recovers_without_restart(
 
 async def test_admin_api_answers_503_while_redis_is_down(
     upstream: FakeUpstream,
-    redis_server: RedisServer,
+    durable_redis: RedisServer,
     processes: Callable[..., GatewayProcess],
     session: aiohttp.ClientSession,
     keys: TestKeys,
 ) -> None:
     """Reads that need the store (a key's own budget, the admin API) fail as the store being
     unavailable — a 503 with the OpenAI error shape — not as an internal error."""
-    gw = await start_gateway(processes, upstream, redis_server)
+    gw = await start_redis_gateway(processes, upstream, durable_redis)
     admin = AdminClient(session, gw.url, keys.admin)
-    key = await make_key(admin, "k")
+    key = await budgeted_key(admin, "k")
     status, body, _ = await chat(session, gw.url, key["key"])
     assert status == 200, body
 
-    await asyncio.to_thread(redis_server.stop)
+    await asyncio.to_thread(durable_redis.stop)
     answers: dict[str, tuple[int, Any]] = {}
     for path, headers in (
         ("/v1/budget", {"Authorization": f"Bearer {key['key']}"}),
@@ -191,21 +136,19 @@ async def test_admin_api_answers_503_while_redis_is_down(
 
 async def test_redis_down_fails_open_for_keys_seen_recently(
     upstream: FakeUpstream,
-    redis_server: RedisServer,
+    durable_redis: RedisServer,
     processes: Callable[..., GatewayProcess],
     session: aiohttp.ClientSession,
     keys: TestKeys,
 ) -> None:
-    gw = await start_gateway(
-        processes, upstream, redis_server, budgets={"on_store_failure": "open"}
-    )
+    gw = await start_redis_gateway(processes, upstream, durable_redis, budgets={"on_store_failure": "open"})
     admin = AdminClient(session, gw.url, keys.admin)
-    used = await make_key(admin, "used before the outage")
-    unused = await make_key(admin, "not used before the outage")
+    used = await budgeted_key(admin, "used before the outage")
+    unused = await budgeted_key(admin, "not used before the outage")
     status, body, _ = await chat(session, gw.url, used["key"])
     assert status == 200, body
 
-    await asyncio.to_thread(redis_server.stop)
+    await asyncio.to_thread(durable_redis.stop)
     outage_ok = 3
     for _ in range(outage_ok):
         status, body, took = await chat(session, gw.url, used["key"])
@@ -222,17 +165,12 @@ async def test_redis_down_fails_open_for_keys_seen_recently(
     status, body = await ready(session, gw.url)
     assert body["plugins"]["store"]["ok"] is False, body
 
-    await asyncio.to_thread(redis_server.start)
-    status, body, _ = await wait_for_200(session, gw.url, unused["key"])
+    await asyncio.to_thread(durable_redis.start)
+    status, body, _ = await wait_for_200(session, gw.url, unused["key"], BODY)
     assert status == 200, f"no recovery within {RECOVERY_TIMEOUT_S} s: {status} {body}"
     # The requests served unmetered during the outage are charged once the store is back
     # (their settlements wait in the write-behind queue): spend is not lost to an outage...
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while True:
-        b = await admin.wait_settled("keys", used["id"])
-        if nano(b["spent_usd"]) >= (1 + outage_ok) * COST_NANO or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
+    b = await wait_spent(admin, "keys", used["id"], (1 + outage_ok) * COST_NANO)
     assert nano(b["spent_usd"]) == (1 + outage_ok) * COST_NANO, b
     # ...but they are in the ledger once the store is back (one record per request served).
     def served(answer: dict[str, Any]) -> int:
