@@ -148,7 +148,7 @@ class HttpProvider(Provider):
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body of a 2xx answer; on any failure the connection is dropped, not reused."""
-        first_byte = self._body_deadlines.pop(resp, None)
+        first_byte = self._body_deadlines.pop(resp, None) if self._body_deadlines else None
         try:
             if first_byte is not None and not resp.content.is_eof():
                 deadline, first_byte_s = first_byte
