@@ -84,6 +84,18 @@ class ProviderSettings(Strict):
     auth_scheme: str | None = "Bearer"
     supports_base64_embeddings: bool = True
     """False: ask the upstream for floats and encode base64 in the gateway."""
+    output_cap_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    """The field a chat completion carries the gateway's own output cap in (the model's
+    `max_output_tokens`, added when the client sent no cap). Default: `max_completion_tokens`
+    for kinds openai and azure (OpenAI's reasoning models reject `max_tokens`), `max_tokens`
+    otherwise (most OpenAI-compatible servers know only that). A cap the client sent itself is
+    sent as the client wrote it; legacy completions always use `max_tokens`."""
+
+    @property
+    def cap_field(self) -> str:
+        if self.output_cap_field is not None:
+            return self.output_cap_field
+        return "max_completion_tokens" if self.kind in ("openai", "azure") else "max_tokens"
     # azure
     api_version: EnvStr | None = None
     # anthropic

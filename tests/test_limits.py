@@ -654,3 +654,45 @@ async def test_reservation_covers_the_dearest_fallback(
         await asyncio.sleep(0.05)
     assert b["reserved_usd"] == 0
     assert 0 < b["spent_usd"] < usd_cost(EST_PROMPT, 100)
+
+
+async def test_gateway_cap_goes_in_the_field_the_provider_takes(
+    fake: FakeUpstream, start_gateway: StartGateway, keys: TestKeys
+) -> None:
+    """The gateway's own output cap (the client sent none) is sent as `max_completion_tokens` to
+    OpenAI and Azure (their reasoning models reject `max_tokens`) and as `max_tokens` to other
+    OpenAI-compatible servers, per deployment (a fallback switches it); `output_cap_field`
+    overrides the default; a cap the client sent is passed as the client wrote it."""
+    url = await start_gateway(
+        models={
+            "gpt-openai": {"max_output_tokens": 77, "price": {"free": True}},
+            "gpt-test": {"max_output_tokens": 55, "fallbacks": [{"model": "gpt-openai"}]},
+            "gpt-azure": {"max_output_tokens": 66},
+            "gpt-up2": {
+                "max_output_tokens": 44, "price": {"free": True},
+                "deployments": [{"provider": "up2", "model": "upstream-chat-1"}],
+            },
+        },
+        providers={"up2": {
+            "kind": "openai_compatible", "api_base": fake.base_url,
+            "api_key": "${TOLLWAY_TEST_UPSTREAM_KEY}", "output_cap_field": "max_completion_tokens",
+        }},
+        routing={"retry": {"max_attempts": 2}},
+    )
+
+    async def sent(model: str, **kw: Any) -> dict[str, Any]:
+        async with sdk(url, keys.team_a) as c:
+            await c.chat.completions.create(model=model, messages=USER_MESSAGES, **kw)
+        body: dict[str, Any] = fake.last.body
+        return {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
+
+    assert await sent("gpt-openai") == {"max_completion_tokens": 77}
+    assert await sent("gpt-azure") == {"max_completion_tokens": 66}
+    assert await sent("gpt-test") == {"max_tokens": 55}
+    assert await sent("gpt-up2") == {"max_completion_tokens": 44}
+    assert await sent("gpt-openai", max_tokens=12) == {"max_tokens": 12}  # the client's own
+    assert await sent("gpt-test", max_completion_tokens=13) == {"max_completion_tokens": 13}
+    # gpt-test's deployment fails; its fallback (an openai deployment) gets the cap in its field
+    fake.enqueue(Behaviour(status=503))  # the first attempt; the fallback's gets the default
+    assert await sent("gpt-test") == {"max_completion_tokens": 55}
+    assert fake.last.body["model"] == "gpt-4o-mini-2024-07-18"

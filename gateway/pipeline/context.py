@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 Endpoint = Literal["chat", "completions", "embeddings", "models"]
 
 
+CAP_INJECTED = "access.cap_injected"
+"""`ctx.state` key set when the gateway added the output cap itself (the client sent none): the
+router then sends it in the field the deployment's provider takes."""
+
 STREAM_END = "stream.end"
 """`ctx.state` key the client relay sets when it stops reading an upstream stream: "done"
 (`[DONE]`), "error" (an in-band error event: OpenAI `data: {"error": …}`, or what an Anthropic

@@ -32,6 +32,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.pipeline import Plugin, Principal, RequestContext, ShortCircuit
+from gateway.pipeline.context import CAP_INJECTED
 from gateway.pricing import ModelPrice
 from gateway.settings import Settings
 from gateway.store.base import (
@@ -285,6 +286,7 @@ class AccessPlugin(Plugin):
             return given
         cap = self.models[ctx.public_model or ""].max_output_tokens
         body["max_tokens"] = cap
+        ctx.state[CAP_INJECTED] = True  # the router sends it in the deployment's field
         return cap
 
     async def on_request(self, ctx: RequestContext) -> ShortCircuit | None:

@@ -34,7 +34,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pipeline.context import STREAM_END, Endpoint, RequestContext, Usage
+from gateway.pipeline.context import CAP_INJECTED, STREAM_END, Endpoint, RequestContext, Usage
 from gateway.providers.base import Provider, Reply, UpstreamRequest, UpstreamStream
 from gateway.providers.http import first_byte_timeout
 from gateway.routing.breaker import BreakerBoard, CircuitBreaker
@@ -78,6 +78,8 @@ class Deployment:
     breaker: CircuitBreaker
     first_byte_s: float = 120.0
     """Streams: the longest wait for the first content (the deployment's or provider's timeouts)."""
+    cap_field: str = "max_tokens"
+    """The chat field the gateway's own output cap is sent in (the provider's `cap_field`)."""
     in_flight: int = 0
     ewma_ttft: float | None = None
     ewma_at: float = 0.0
@@ -286,7 +288,7 @@ class Router:
                     max_concurrency=d.max_concurrency, timeouts=d.timeouts,
                     provider_rpm=p.rpm, provider_tpm=p.tpm, max_queue_s=p.max_queue_s,
                     breaker=self.breakers.get(dname),
-                    first_byte_s=(d.timeouts or p.timeouts).first_byte,
+                    first_byte_s=(d.timeouts or p.timeouts).first_byte, cap_field=p.cap_field,
                 )
                 self.deployments[dname] = dep
             deps.append(dep)
@@ -461,6 +463,12 @@ class Router:
         ctx.deployment = dep.name
         body = ctx.body
         body["model"] = dep.upstream_model
+        if ctx.endpoint == "chat" and CAP_INJECTED in ctx.state:
+            # The gateway's own cap, in the field this deployment's provider takes (a fallback
+            # or another deployment may take the other one).
+            other = "max_tokens" if dep.cap_field == "max_completion_tokens" else "max_completion_tokens"
+            if other in body:
+                body[dep.cap_field] = body.pop(other)
         return RoutedRequest(
             endpoint=ctx.endpoint, body=body, upstream_model=dep.upstream_model, stream=stream,
             request_id=ctx.request_id, timeouts=dep.timeouts, client_wants_usage=ctx.client_wants_usage,
