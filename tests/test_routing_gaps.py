@@ -193,17 +193,22 @@ async def test_deployment_quota_refusal_does_not_count_the_provider_twice(
     quota: QuotaScript,
 ) -> None:
     """The provider's limiter goes first; when the deployment's then refuses and the request
-    queues, the provider's count is kept for the retry instead of being taken again."""
+    queues, the provider's count is given back, so the request is counted once in all: with a
+    provider quota of 2 requests a minute, two requests fit and the third is refused."""
     url = await start_routed(
-        {"solo": model(dep("pa", "a", rpm=100))}, providers={"pa": {"rpm": 100, "max_queue_s": 1.0}}
+        {"solo": model(dep("pa", "a", rpm=100))}, providers={"pa": {"rpm": 2, "max_queue_s": 1.0}}
     )
     quota.refuse["deployment:pa/a"] = [0.3]
     a = await post_chat(http, url, keys.team_a, "solo")
     assert a.status == 200, a.body
     assert a.elapsed >= 0.28
     assert len(fakes[0].requests) == 1
-    assert quota.counted("provider:pa") == 1
-    assert quota.counted("deployment:pa/a") == 1
+    b = await post_chat(http, url, keys.team_a, "solo")
+    assert b.status == 200, b.body  # the provider counted the first request once, not twice
+    c = await post_chat(http, url, keys.team_a, "solo")
+    assert c.status == 429, c.body
+    assert assert_error_shape(c.body)["code"] == "provider_quota_exceeded"
+    assert len(fakes[0].requests) == 2
 
 
 async def test_request_queues_for_the_provider_quota_then_succeeds(

@@ -404,9 +404,8 @@ class Router:
         """Seconds until this deployment's (and its provider's) quota has room; 0: counted now.
 
         The provider-wide limiter is asked first, so a refusal from it counts nothing anywhere.
-        When the deployment's own limiter then refuses, the provider's count (which cannot be
-        taken back) is held for this request's next try on that provider instead of being
-        counted again; its tokens are corrected with the rest once the real usage is known."""
+        When the deployment's own limiter then refuses, the provider's count is given back
+        (`rate_adjust` with a request delta of -1): nothing was sent."""
         store = self.store
         if store is None or not (dep.rpm or dep.tpm or dep.provider_rpm or dep.provider_tpm):
             return 0.0
@@ -417,8 +416,7 @@ class Router:
                 max_output_tokens(ctx.body) or 0
             )
         now = time.time()
-        held: dict[str, tuple[float, bool]] = ctx.state.setdefault("route.quota_held", {})
-        counted: list[tuple[str, float, bool]] = []  # (limiter, time counted, counts tokens)
+        counted: list[tuple[str, bool]] = []  # (limiter, counts tokens)
         try:
             for name, rpm, tpm in (
                 ("provider:" + dep.provider_name, dep.provider_rpm, dep.provider_tpm),
@@ -426,21 +424,17 @@ class Router:
             ):
                 if not (rpm or tpm):
                     continue
-                prior = held.pop(name, None)
-                if prior is not None:
-                    counted.append((name, *prior))  # counted by an earlier try of this request
-                    continue
                 wait = await store.rate_hit(name, rpm, tpm, tokens, now)
                 if wait > 0:
-                    for n, at, has_tpm in counted:
-                        held[n] = (at, has_tpm)
+                    for n, has_tpm in counted:
+                        await store.rate_adjust(n, -tokens if has_tpm else 0, now, requests_delta=-1)
                     return wait
-                counted.append((name, now, bool(tpm)))
+                counted.append((name, bool(tpm)))
         except StoreUnavailable:
             return 0.0  # quotas fail open: the provider's own limits still apply
-        with_tpm = [(n, at) for n, at, has_tpm in counted if has_tpm]
+        with_tpm = [n for n, has_tpm in counted if has_tpm]
         if with_tpm:
-            ctx.state["route.tpm"] = (with_tpm, tokens)
+            ctx.state["route.tpm"] = (with_tpm, now, tokens)
         return 0.0
 
     def _correct_tpm(self, ctx: RequestContext, actual: int | None) -> None:
@@ -448,8 +442,8 @@ class Router:
         hit = ctx.state.pop("route.tpm", None)
         if hit is None or actual is None or self.store is None:
             return
-        limiters, estimate = hit
-        for name, at in limiters:
+        limiters, at, estimate = hit
+        for name in limiters:
             task = asyncio.get_running_loop().create_task(
                 self.store.rate_adjust(name, actual - estimate, at)
             )

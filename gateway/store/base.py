@@ -320,11 +320,14 @@ class Store(Protocol):
         nothing is counted. `tokens` above `tpm` never fits: the wait is to a clear window.
         Limiter windows are separate from key/team windows. One round trip on Redis."""
 
-    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
-        """Correct the token count of the limiter `name` once the real usage is known, like
-        `settle` does for `admit`: `now` is the time given to the `rate_hit` being corrected, so
-        the delta lands in the window it was counted in (nothing happens once that window is
-        gone); the count never goes below 0."""
+    async def rate_adjust(
+        self, name: str, tokens_delta: int, now: float, requests_delta: int = 0
+    ) -> None:
+        """Correct the counts of the limiter `name`, like `settle` does for `admit`: its tokens
+        once the real usage is known, or (`requests_delta` -1 and the tokens counted) a hit that
+        was never sent after all. `now` is the time given to the `rate_hit` being corrected, so
+        the deltas land in the window it was counted in (nothing happens once that window is
+        gone); a count never goes below 0."""
 
     async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
         """Tell every replica that the breaker `name` is open until `opened_until_unix` (UNIX

@@ -430,11 +430,16 @@ class EmbeddedStore:
             _count(win, w, cur + need)
         return 0.0
 
-    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
+    async def rate_adjust(
+        self, name: str, tokens_delta: int, now: float, requests_delta: int = 0
+    ) -> None:
         lim = self._limiters.get(name)
+        if lim is None:
+            return
         w = window_index(now)
-        if tokens_delta and lim is not None and w in lim.tokens:
-            lim.tokens[w] = max(0, lim.tokens[w] + tokens_delta)
+        for delta, win in ((tokens_delta, lim.tokens), (requests_delta, lim.requests)):
+            if delta and w in win:
+                win[w] = max(0, win[w] + delta)
 
     async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
         if opened_until_unix <= time.time():

@@ -309,12 +309,17 @@ return out
 """
 
 RATE_ADJUST = _PRELUDE + r"""
--- ARGV: 2 limiter name, 3 window of the hit, 4 token delta. A window already gone stays gone;
--- the count never goes below 0. Returns 1 if corrected.
-local k = P .. 'lim:' .. ARGV[2] .. ':t:' .. ARGV[3]
-if redis.call('EXISTS', k) == 0 then return 0 end
-if redis.call('INCRBY', k, ARGV[4]) < 0 then redis.call('SET', k, '0', 'KEEPTTL') end
-return 1
+-- ARGV: 2 limiter name, 3 window of the hit, 4 token delta, 5 request delta. A window already
+-- gone stays gone; a count never goes below 0. Returns how many counts were corrected.
+local n = 0
+for _, kd in ipairs({{'t:', ARGV[4]}, {'r:', ARGV[5] or '0'}}) do
+  local k = P .. 'lim:' .. ARGV[2] .. ':' .. kd[1] .. ARGV[3]
+  if kd[2] ~= '0' and redis.call('EXISTS', k) == 1 then
+    if redis.call('INCRBY', k, kd[2]) < 0 then redis.call('SET', k, '0', 'KEEPTTL') end
+    n = n + 1
+  end
+end
+return n
 """
 
 BREAKER_PUBLISH = _PRELUDE + r"""

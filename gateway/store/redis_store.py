@@ -396,12 +396,16 @@ class RedisStore:
                    for i, need, limit in ((1, 1, rpm), (4, tokens, tpm)) if res[i] == 1]
         return hit_wait(refused, now)
 
-    async def rate_adjust(self, name: str, tokens_delta: int, now: float) -> None:
-        if not tokens_delta:
+    async def rate_adjust(
+        self, name: str, tokens_delta: int, now: float, requests_delta: int = 0
+    ) -> None:
+        if not tokens_delta and not requests_delta:
             return
         assert self._rate_adjust is not None
         with _unavailable:
-            await self._rate_adjust(args=[self._p, name, window_index(now), tokens_delta])
+            await self._rate_adjust(
+                args=[self._p, name, window_index(now), tokens_delta, requests_delta]
+            )
 
     async def breaker_publish(self, name: str, opened_until_unix: float) -> None:
         remaining = opened_until_unix - time.time()

@@ -735,6 +735,24 @@ async def test_rate_adjust_corrects_tokens_in_the_hits_window(store: Store) -> N
     assert await hits(store, 1, T0 + 60, name=name, tpm=1000, tokens=1000) == [0.0]
 
 
+async def test_rate_adjust_gives_back_a_request_never_sent(store: Store) -> None:
+    """A hit counted on one limiter but never sent (the next limiter refused) is given back:
+    a request delta of -1 and its tokens, in the window it was counted in, never below 0."""
+    name = "provider:p"
+    assert await hits(store, 2, T0, name=name, rpm=2, tpm=10_000, tokens=100) == [0.0, 0.0]
+    assert (await hits(store, 1, T0 + 1, name=name, rpm=2, tpm=10_000, tokens=100))[0] > 0
+    await store.rate_adjust(name, -100, T0, requests_delta=-1)
+    assert await hits(store, 1, T0 + 2, name=name, rpm=2, tpm=10_000, tokens=100) == [0.0]
+    assert (await hits(store, 1, T0 + 3, name=name, rpm=2, tpm=10_000, tokens=100))[0] > 0
+    # tokens given back too: 2 requests of 100 counted, a TPM of 300 fits one more after it
+    await store.rate_adjust(name, -100, T0, requests_delta=-1)
+    assert await hits(store, 1, T0 + 4, name=name, rpm=3, tpm=300, tokens=200) == [0.0]
+    # never below zero; a window already gone is left alone
+    await store.rate_adjust(name, 0, T0, requests_delta=-50)
+    assert await hits(store, 2, T0 + 5, name=name, rpm=2) == [0.0, 0.0]
+    await store.rate_adjust(name, 0, T0 - 600, requests_delta=-1)
+
+
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 async def test_two_replicas_share_a_limiter(open_store: OpenStore) -> None:
     a, b = await open_store(), await open_store()
