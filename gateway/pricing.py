@@ -35,17 +35,32 @@ class ModelPrice:
     output: Rate
     cached_input: Rate
     source: str
+    cache_write: Rate | None = None
+    """Prompt tokens written to the provider's prompt cache (Anthropic: 1.25x input); None: the
+    input price."""
 
-    def cost_nano(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
-        """Cost in nano-USD; `prompt_tokens` includes the cached ones (OpenAI's convention)."""
-        uncached = max(prompt_tokens - cached_tokens, 0)
+    def cost_nano(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0
+    ) -> int:
+        """Cost in nano-USD; `prompt_tokens` includes the cached ones and the cache writes
+        (OpenAI's convention, which the Anthropic translation follows)."""
+        uncached = max(prompt_tokens - cached_tokens - cache_write_tokens, 0)
         # USD per MTok * tokens = micro-USD; * 1000 = nano-USD
         micro = (
             uncached * self.input.at(prompt_tokens)
             + cached_tokens * self.cached_input.at(prompt_tokens)
             + completion_tokens * self.output.at(prompt_tokens)
         )
+        if cache_write_tokens:
+            micro += cache_write_tokens * (self.cache_write or self.input).at(prompt_tokens)
         return round(micro * 1000)
+
+    def reserve_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The worst case of a request of this size: every prompt token at the dearer of the
+        input and cache-write prices."""
+        if self.cache_write is not None and self.cache_write.at(prompt_tokens) > self.input.at(prompt_tokens):
+            return self.cost_nano(prompt_tokens, completion_tokens, cache_write_tokens=prompt_tokens)
+        return self.cost_nano(prompt_tokens, completion_tokens)
 
 
 FREE = ModelPrice(Rate(0.0), Rate(0.0), Rate(0.0), source="free")
@@ -85,7 +100,10 @@ def lookup_genai_prices(model: str, provider_kind: str) -> ModelPrice | None:
         return None
     out = _rate(getattr(mp, "output_mtok", None)) or Rate(0.0)
     cached = _rate(getattr(mp, "cache_read_mtok", None)) or inp
-    return ModelPrice(inp, out, cached, source=f"genai-prices:{calc.provider.id}/{calc.model.id}")
+    write = _rate(getattr(mp, "cache_write_mtok", None))
+    return ModelPrice(
+        inp, out, cached, source=f"genai-prices:{calc.provider.id}/{calc.model.id}", cache_write=write
+    )
 
 
 def _from_settings(p: PriceSettings) -> ModelPrice:
@@ -93,7 +111,8 @@ def _from_settings(p: PriceSettings) -> ModelPrice:
         return FREE
     inp = Rate(p.input_per_mtok or 0.0)
     cached = Rate(p.cached_input_per_mtok) if p.cached_input_per_mtok is not None else inp
-    return ModelPrice(inp, Rate(p.output_per_mtok or 0.0), cached, source="config")
+    write = Rate(p.cache_write_per_mtok) if p.cache_write_per_mtok is not None else None
+    return ModelPrice(inp, Rate(p.output_per_mtok or 0.0), cached, source="config", cache_write=write)
 
 
 def build_price_table(settings: Settings) -> dict[str, ModelPrice]:

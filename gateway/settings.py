@@ -203,6 +203,8 @@ class PriceSettings(Strict):
     input_per_mtok: float | None = Field(None, ge=0)
     output_per_mtok: float | None = Field(None, ge=0)
     cached_input_per_mtok: float | None = Field(None, ge=0)
+    cache_write_per_mtok: float | None = Field(None, ge=0)
+    """Prompt tokens written to the provider's prompt cache (Anthropic); default: the input price."""
     free: bool = False
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -104,6 +105,8 @@ class OpenAIRoutes:
         finally:
             ctx.upstream_s = time.perf_counter() - t0
         ctx.usage = Usage.from_openai(reply.parsed.get("usage"))
+        if reply.cache_write_tokens and ctx.usage is not None:
+            ctx.usage = dataclasses.replace(ctx.usage, cache_write_tokens=reply.cache_write_tokens)
         ctx.status = reply.status
         capture = ctx.state.get(CAPTURE)
         if capture is not None:

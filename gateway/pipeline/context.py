@@ -41,6 +41,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    """Prompt tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens;
+    OpenAI reports none). Billed at the model's cache-write price; part of `prompt_tokens`."""
 
     @property
     def total_tokens(self) -> int:

@@ -318,9 +318,9 @@ class AccessPlugin(Plugin):
             est_tokens = est_prompt + est_out
             chain = self._fallback_prices.get(model)
             if chain is None:
-                cost = price.cost_nano(est_prompt, est_out)
+                cost = price.reserve_nano(est_prompt, est_out)
             else:
-                cost = max(p.cost_nano(est_prompt, est_out) for p in chain)
+                cost = max(p.reserve_nano(est_prompt, est_out) for p in chain)
         ctx.state["est_tokens"] = est_tokens  # the router's quotas reuse it
         admission = Admission(
             key_hash=h,
@@ -510,7 +510,9 @@ class AccessPlugin(Plugin):
         if lease is not None and lease.charged is not None:
             cost = lease.charged  # spent at admission (a cache hit's known cost)
         else:
-            cost = price.cost_nano(prompt, completion, cached)
+            cost = price.cost_nano(
+                prompt, completion, cached, usage.cache_write_tokens if usage is not None else 0
+            )
             if cache.startswith("hit"):
                 cost = round(cost * self.budgets.cache_hit_cost_fraction)
         now = time.time()

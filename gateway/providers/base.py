@@ -34,6 +34,8 @@ class Reply:
     """The body parsed as JSON (the gateway never relays a 200 it cannot parse)."""
     headers: dict[str, str] = field(default_factory=dict)
     """Headers to pass on to the client."""
+    cache_write_tokens: int = 0
+    """Prompt tokens the upstream wrote to its prompt cache (not in the OpenAI usage JSON)."""
 
 
 class UpstreamStream(Protocol):

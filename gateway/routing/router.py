@@ -13,6 +13,7 @@ answered 429 with a retry-after cools down that long (capped): the picker skips 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -229,6 +230,11 @@ class _RoutedStream:
         self._closed = True
         self._dep.in_flight -= 1
         self._router._outcome(self._dep, self.outcome)
+        u = self._ctx.usage  # the relay sets it before closing the upstream
+        if u is not None:
+            cw: int = getattr(self._stream, "cache_write_tokens", 0)  # Anthropic's cache writes
+            if cw:
+                self._ctx.usage = dataclasses.replace(u, cache_write_tokens=cw)
         if "route.tpm" in self._ctx.state:
             u = self._ctx.usage  # the relay sets it before closing the upstream
             self._router._correct_tpm(self._ctx, u.total_tokens if u else None)

@@ -48,3 +48,23 @@ def test_price_needs_input_or_free() -> None:
     cfg = deep_merge(gateway_config("http://127.0.0.1:9/v1"), {"models": {"half": half_priced}})
     with pytest.raises(ConfigError, match="input_per_mtok"):
         settings_from_dict(cfg)
+
+
+def test_cache_writes_have_their_own_price() -> None:
+    p = lookup_genai_prices("claude-sonnet-4-5", "anthropic")
+    assert p is not None and p.cache_write is not None
+    assert p.cache_write.at(1000) == 3.75  # 1.25x the 3.0 input price
+    # 10 plain + 20 written + 100 read prompt tokens, 6 out: each part at its own price
+    assert p.cost_nano(130, 6, cached_tokens=100, cache_write_tokens=20) == round(
+        (10 * 3.0 + 20 * 3.75 + 100 * 0.3 + 6 * 15.0) * 1000
+    )
+    # without a cache-write price (OpenAI: no such charge) a write costs the input price
+    plain = ModelPrice(Rate(3.0), Rate(15.0), Rate(0.3), source="t")
+    assert plain.cost_nano(30, 0, cache_write_tokens=20) == plain.cost_nano(30, 0) == 90_000
+
+
+def test_reservation_is_the_worst_case_over_input_and_cache_write() -> None:
+    p = ModelPrice(Rate(3.0), Rate(15.0), Rate(0.3), source="t", cache_write=Rate(3.75))
+    assert p.reserve_nano(1000, 100) == round((1000 * 3.75 + 100 * 15.0) * 1000)
+    cheaper_write = ModelPrice(Rate(3.0), Rate(15.0), Rate(0.3), source="t", cache_write=Rate(1.0))
+    assert cheaper_write.reserve_nano(1000, 100) == cheaper_write.cost_nano(1000, 100)

@@ -53,6 +53,11 @@ class _Stream:
                 break
         raise StopAsyncIteration
 
+    @property
+    def cache_write_tokens(self) -> int:
+        """Prompt tokens written to Anthropic's prompt cache (from the latest usage counts)."""
+        return translate.cache_write_tokens(self._tr.usage)
+
     async def aclose(self) -> None:
         finish(self._resp)
 
@@ -113,7 +118,11 @@ class AnthropicAdapter(HttpProvider):
         parsed = translate.to_openai_response(
             msg, created=int(time.time()), model=req.upstream_model, provider=self.name
         )
-        return Reply(status=200, body=orjson.dumps(parsed), parsed=parsed)
+        usage = msg.get("usage") if isinstance(msg, dict) else None
+        return Reply(
+            status=200, body=orjson.dumps(parsed), parsed=parsed,
+            cache_write_tokens=translate.cache_write_tokens(usage),
+        )
 
     async def open_stream(self, req: UpstreamRequest) -> UpstreamStream:
         """Returns once the answer has begun (a content block started, or the message ended):

@@ -486,6 +486,11 @@ def _count(v: Any) -> int:
     return v if _is_int(v) and v > 0 else 0
 
 
+def cache_write_tokens(usage: Any) -> int:
+    """Anthropic's `cache_creation_input_tokens` (billed at the cache-write price)."""
+    return _count(usage.get("cache_creation_input_tokens")) if isinstance(usage, dict) else 0
+
+
 def openai_usage(usage: Any) -> dict[str, Any]:
     """Anthropic usage → OpenAI usage: prompt tokens include cache reads and cache writes."""
     u = usage if isinstance(usage, dict) else {}
