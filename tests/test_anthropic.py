@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from helpers import sse_data_lines
+from helpers import AdminClient, sse_data_lines
 from openai.types.chat import ChatCompletionFunctionToolParam
 
 from gateway.testing.fake_anthropic import (
@@ -444,3 +444,68 @@ async def test_broken_stream_raises_in_sdk(
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+
+# ---- billing of Anthropic prompt caching -----------------------------------------------------
+# Cache reads at the cached-input price, cache writes (`cache_creation_input_tokens`, 1.25x input
+# on Anthropic) at the cache-write price, the rest of the prompt at the input price; streamed or
+# not. The OpenAI usage the client sees is unchanged (prompt tokens include both; no extra field).
+
+BILLED_MODEL = "claude-billed"
+BILLED_PRICE = {
+    "input_per_mtok": 3, "output_per_mtok": 15, "cached_input_per_mtok": 0.3, "cache_write_per_mtok": 3.75
+}
+BILLED_USAGE = {
+    "input_tokens": 9, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 6
+}
+BILLED_COST_USD = (9 * 3 + 20 * 3.75 + 100 * 0.3 + 6 * 15) / 1e6
+"""Each part at its own price: 27 + 75 + 30 + 90 micro-USD."""
+BILLED_AT_INPUT_PRICE_USD = ((9 + 20) * 3 + 100 * 0.3 + 6 * 15) / 1e6
+"""What it cost when cache writes were billed as plain input."""
+
+
+@pytest.fixture
+async def billed_gateway(fake: FakeAnthropic) -> AsyncIterator[str]:
+    config = gateway_config(
+        fake.url + "/v1",
+        providers={
+            "anth": {"kind": "anthropic", "api_base": fake.url, "api_key": "${TOLLWAY_TEST_ANTHROPIC_KEY}"}
+        },
+        models={
+            BILLED_MODEL: {
+                "price": BILLED_PRICE, "deployments": [{"provider": "anth", "model": "claude-sonnet-4-5"}]
+            }
+        },
+    )
+    async with running_gateway(config) as url:
+        yield url
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_cache_writes_are_billed_at_the_cache_write_price(
+    fake: FakeAnthropic, billed_gateway: str, stream: bool
+) -> None:
+    keys: TestKeys = install_test_env()
+    async with aiohttp.ClientSession() as http:
+        admin = AdminClient(http, billed_gateway, keys.admin)
+        await admin.create_team(id="ab", name="ab")
+        k = await admin.create_key(team_id="ab", budget={"limit_usd": 1, "period": "daily"})
+        fake.enqueue(AnthropicBehaviour(usage=BILLED_USAGE))
+        async with openai.AsyncOpenAI(base_url=billed_gateway + "/v1", api_key=k["key"], max_retries=0) as c:
+            msgs = [{"role": "user", "content": "cache me"}]
+            if stream:
+                s = await c.chat.completions.create(
+                    model=BILLED_MODEL, messages=msgs, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+                )
+                usage = [ch.usage async for ch in s if ch.usage is not None][-1]
+            else:
+                r = await c.chat.completions.create(model=BILLED_MODEL, messages=msgs)  # type: ignore[arg-type]
+                assert r.usage is not None
+                usage = r.usage
+        # what the client sees is OpenAI's usage: prompt tokens include reads and writes
+        assert (usage.prompt_tokens, usage.completion_tokens) == (129, 6)
+        assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 100
+        assert "cache_creation_input_tokens" not in usage.model_dump_json()
+        b, n = await admin.settled(k["id"], 1)
+        assert n == 1
+        assert b["spent_usd"] == pytest.approx(BILLED_COST_USD, abs=1e-12)
+        assert b["spent_usd"] != pytest.approx(BILLED_AT_INPUT_PRICE_USD, abs=1e-12)
