@@ -126,8 +126,7 @@ def create_app(settings: Settings) -> web.Application:
     for ref in settings.plugins:
         if ref.name == "semantic_cache":
             exact = next((p for p in plugins if isinstance(p, ExactCachePlugin)), None)
-            if exact is None:
-                raise ConfigError("plugins: semantic_cache must come after exact_cache")
+            assert exact is not None  # check_config: semantic_cache comes after exact_cache
             from gateway.plugins.semantic_cache import SemanticCachePlugin  # late: numpy, faiss
 
             semantic_plugin = SemanticCachePlugin(settings, store, registry, exact)
@@ -135,11 +134,6 @@ def create_app(settings: Settings) -> web.Application:
             semantic = semantic_plugin
         elif (p := build_plugin(ref, settings, store, prices, registry)) is not None:
             plugins.append(p)
-    if not any(isinstance(p, AccessPlugin) for p in plugins):
-        raise ConfigError("plugins: the access plugin (keys, limits, budgets) must be in the list")
-    names = [p.name for p in plugins]
-    if "exact_cache" in names and names.index("exact_cache") < names.index(AccessPlugin.name):
-        raise ConfigError("plugins: exact_cache must come after access (hits pass limits and budgets)")
     pipeline = Pipeline(plugins)
 
     app = web.Application(
